@@ -1,0 +1,277 @@
+"""DeepSpeed behind one small module: process group, ds_config from the run config, the engine.
+
+The DeepSpeed config is generated here from `TrainConfig`/`OptimConfig`/`DistConfig`, so batch
+sizes have one source. The same code runs on CPU (gloo, `DS_ACCELERATOR=cpu`) and on GPUs (NCCL).
+Model code never imports this module or deepspeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seqrec.config import ConfigError, DistConfig, OptimConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DistInfo:
+    """Who this process is, read once from the launcher's environment (nanochat compute_init)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        if "WORLD_SIZE" not in os.environ:
+            # A plain `seqrec train` without a launcher: a world of one on this host.
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return cls(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _deepspeed() -> Any:
+    """Import deepspeed with the accelerator chosen explicitly (no probing warning on CPU)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def init_distributed(cfg: DistConfig) -> DistInfo:
+    """Create the process group (gloo on CPU, nccl on CUDA unless cfg.backend says otherwise)."""
+    info = DistInfo.from_env()
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if info.device.type == "cuda" else "gloo")
+    if info.device.type == "cuda":
+        torch.cuda.set_device(info.device)
+    ds = _deepspeed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return info
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return tensor
+
+
+def all_gather_1d(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of any length from every rank, in rank order."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.numel()], device=tensor.device))
+    max_size = int(max(s.item() for s in sizes))
+    padded = torch.zeros(max_size, dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.numel()] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+
+
+def resolve_precision(train: TrainConfig, device: torch.device) -> str:
+    if train.precision != "auto":
+        return train.precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def grad_accumulation_steps(train: TrainConfig, world_size: int) -> int:
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size x world size ({train.micro_batch_size} x {world_size})"
+        )
+    return train.global_batch_size // per_step
+
+
+def build_ds_config(train: TrainConfig, optim: OptimConfig, dist: DistConfig, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config, derived from the run config (the only place batch sizes are set)."""
+    zero: dict[str, Any] = {"stage": dist.zero_stage}
+    if dist.offload_optimizer and dist.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if dist.zero_stage == 3:
+        # Gather parameters every forward; keep nothing persistent so the shards really are shards.
+        zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(1e9))
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accumulation_steps(train, world_size),
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int):
+    """Multiplier of the peak LR at optimizer step s: linear warmup, then cosine/linear/constant decay."""
+    warmup, floor = optim.warmup_steps, optim.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if optim.decay == "constant" or max_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.decay == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return fn
+
+
+class Engine:
+    """The DeepSpeed engine with the few verbs the trainer uses."""
+
+    def __init__(self, ds_engine: Any, info: DistInfo, precision: str, ds_config: dict) -> None:
+        self.ds = ds_engine
+        self.info = info
+        self.precision = precision
+        self.ds_config = ds_config
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.info.device.type == "cpu":
+            return batch
+        return {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()}
+
+    def forward(self, batch: dict[str, torch.Tensor], task: str = "train") -> dict[str, torch.Tensor]:
+        return self.ds(self.to_device(batch), task=task)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    @property
+    def at_step_boundary(self) -> bool:
+        return bool(self.ds.is_gradient_accumulation_boundary())
+
+    def lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.ds.optimizer.param_groups]
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, root: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Collective: every rank writes its shard of the DeepSpeed checkpoint."""
+        self.ds.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, root: Path, tag: str, *, with_optimizer: bool = True) -> dict[str, Any]:
+        """Collective. Returns the client state saved with the checkpoint."""
+        # Under ZeRO-3 a weights-only load goes through zero_to_fp32, which ignores `tag` and wants a
+        # `latest` file; loading the optimizer partitions too restores the same weights.
+        zero3 = self.ds_config["zero_optimization"]["stage"] == 3
+        path, client = self.ds.load_checkpoint(
+            str(root),
+            tag=tag,
+            load_optimizer_states=with_optimizer or zero3,
+            load_lr_scheduler_states=with_optimizer,
+        )
+        if path is None:
+            raise FileNotFoundError(f"{root}/{tag}: DeepSpeed could not load this checkpoint")
+        return client or {}
+
+
+def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    """Embedding table, dense matrices (decayed) and norms/biases/scales (not decayed), each its own group."""
+    emb, dense, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("embeddings.") and p.dim() == 2:
+            emb.append(p)
+        elif p.dim() >= 2:
+            dense.append(p)
+        else:
+            no_decay.append(p)
+    groups = [
+        {"params": emb, "lr": optim.embedding_lr, "weight_decay": optim.embedding_weight_decay, "name": "embedding"},
+        {"params": dense, "lr": optim.lr, "weight_decay": optim.weight_decay, "name": "dense"},
+        {"params": no_decay, "lr": optim.lr, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_engine(
+    model: torch.nn.Module,
+    info: DistInfo,
+    *,
+    train: TrainConfig,
+    optim: OptimConfig,
+    dist: DistConfig,
+) -> Engine:
+    """Wrap `model` in a DeepSpeed engine with an AdamW client optimizer and the LR schedule."""
+    ds = _deepspeed()
+    precision = resolve_precision(train, info.device)
+    ds_config = build_ds_config(train, optim, dist, info.world_size, precision)
+    optimizer = torch.optim.AdamW(param_groups(model, optim), betas=(optim.beta1, optim.beta2), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, train.max_steps))
+    ds_engine, _, _, _ = ds.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    if dist.zero_stage == 3 and hasattr(model, "embeddings"):
+        # The output layer reads the fused table's item rows outside the table's own forward
+        # (tied weights), so ZeRO-3 must gather it for the whole model's forward too.
+        ds.zero.register_external_parameter(ds_engine.module, ds_engine.module.embeddings.weight)
+    log.info(
+        "engine: world %d, ZeRO-%d, %s, micro %d x accumulation %d x world = %d per step",
+        info.world_size,
+        dist.zero_stage,
+        precision,
+        train.micro_batch_size,
+        ds_config["gradient_accumulation_steps"],
+        train.global_batch_size,
+    )
+    return Engine(ds_engine, info, precision, ds_config)

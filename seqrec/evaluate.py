@@ -1,0 +1,110 @@
+"""Distributed full-ranking evaluation: every item is a candidate, history items excluded by default.
+
+Each rank scores its disjoint part of the split (row-group striping). The per-user ranks (ints) are
+gathered from all ranks, sorted, and turned into metrics in that canonical order, so 1 rank and N
+ranks give exactly the same numbers. All ranks run the same number of forward calls (a short rank
+runs padding batches whose results are dropped): under ZeRO-3 every forward is a collective.
+
+Metric names carry the protocol: `test/ndcg@10_full` (full ranking). Sampled metrics, if ever
+added, must carry `_sampledN`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from seqrec.config import EvalConfig
+from seqrec.data.loader import Batch, ShardLoader
+from seqrec.data.schema import COL_ITEM, COL_TARGET, Manifest
+from seqrec.engine import DistInfo, all_gather_1d
+from seqrec.metrics import finalize, popularity_scores, ranking_sums, target_ranks
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_SUFFIX = "_full"
+
+Scorer = Callable[[Batch], torch.Tensor]  # batch -> scores [B, num_items]
+
+
+def protocol(manifest: Manifest, cfg: EvalConfig) -> str:
+    seen = "seen items excluded" if cfg.exclude_seen else "seen items included"
+    return f"{manifest.split_kind}, full ranking over all {manifest.num_items - 2} items, {seen}"
+
+
+def _padding_batch(like: Batch) -> Batch:
+    """One all-padding row shaped like `like` (scored and discarded on a rank that ran out)."""
+    return {k: torch.zeros_like(v[:1]) for k, v in like.items()}
+
+
+@torch.no_grad()
+def rank_targets(
+    scorer: Scorer,
+    manifest: Manifest,
+    split: str,
+    cfg: EvalConfig,
+    info: DistInfo,
+    *,
+    max_users: int = 0,
+) -> torch.Tensor:
+    """0-based ranks of every target of `split` (this rank's part, gathered from all ranks)."""
+    loader = ShardLoader(
+        manifest, split, dp_rank=info.rank, dp_world_size=info.world_size, batch_size=cfg.batch_size, train=False, shuffle=False
+    )
+    rows = loader.rank_rows
+    if max_users:
+        rows = [min(r, math.ceil(max_users / info.world_size)) for r in rows]
+    num_batches = max(math.ceil(r / cfg.batch_size) for r in rows)
+    my_rows = rows[info.rank]
+    ranks: list[torch.Tensor] = []
+    taken, template = 0, None
+    batches = iter(loader)
+    for _ in range(num_batches):
+        batch = next(batches, None) if taken < my_rows else None
+        if batch is not None:
+            batch = {k: v[: my_rows - taken] for k, v in batch.items()}
+            template = template or batch
+        scores = scorer(batch if batch is not None else _padding_batch(template or _first_batch(manifest, split, cfg)))
+        if batch is None:
+            continue
+        taken += len(batch[COL_TARGET])
+        history = batch[COL_ITEM][:, :-1] if cfg.exclude_seen else None
+        ranks.append(target_ranks(scores.float().cpu(), batch[COL_TARGET], history))
+    local = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+    device = info.device if info.device.type == "cuda" else torch.device("cpu")
+    return all_gather_1d(local.to(device=device, dtype=torch.long)).cpu()
+
+
+def _first_batch(manifest: Manifest, split: str, cfg: EvalConfig) -> Batch:
+    """Any one batch of the split (template for padding batches on a rank with no rows at all)."""
+    return next(iter(ShardLoader(manifest, split, dp_rank=0, dp_world_size=1, batch_size=1, train=False, shuffle=False)))
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: list[int]) -> dict[str, float]:
+    """Metrics in a canonical order (sorted ranks), identical for any number of ranks."""
+    ordered = torch.sort(ranks).values
+    return finalize(ranking_sums(ordered, ks)) | {"count": float(len(ordered))}
+
+
+def evaluate(
+    scorer: Scorer, manifest: Manifest, split: str, cfg: EvalConfig, info: DistInfo, *, max_users: int = 0
+) -> dict[str, float]:
+    """{"hr@10": ..., "ndcg@10": ..., "mrr": ..., "count": ...} for one split."""
+    return metrics_from_ranks(rank_targets(scorer, manifest, split, cfg, info, max_users=max_users), cfg.ks)
+
+
+def popularity_scorer(item_counts: torch.Tensor) -> Scorer:
+    """The popularity baseline: every user gets the training-count ranking."""
+
+    def score(batch: Batch) -> torch.Tensor:
+        return popularity_scores(item_counts, len(batch[COL_ITEM]))
+
+    return score
+
+
+def named(metrics: dict[str, float], split: str) -> dict[str, float]:
+    """`{"ndcg@10": x}` -> `{"test/ndcg@10_full": x}` (count stays unsuffixed)."""
+    return {f"{split}/{k}" + ("" if k == "count" else PROTOCOL_SUFFIX): v for k, v in metrics.items()}

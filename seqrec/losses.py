@@ -1,0 +1,178 @@
+"""Training objectives over the item table: full softmax, sampled softmax (logQ), in-batch negatives.
+
+Every loss is an `nn.Module` called as `loss(query_ND, labels_N, item_weight_VD) -> scalar`, the mean
+over the N counted labels (0 when N == 0, still attached to the graph). `build_loss` picks one through
+the single dict `LOSSES` keyed by `LossConfig.kind`.
+
+Logits are `query . item / temperature`, computed in float32. Ids 0 (pad) and 1 (unknown) are never
+candidates. Sampled and in-batch logits subtract log(expected occurrences of the item among the
+negatives) from the positive AND the negative logits (logQ correction, Yi et al. 2019), which makes
+the sampled softmax a consistent estimate of the full one.
+
+Legend: N counted labels (query rows), D width, V catalogue size (incl. pad/unk), M sampled
+negatives, C unique in-batch candidates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqrec.config import LossConfig
+from seqrec.data.schema import NUM_RESERVED_IDS
+
+MAX_MULTINOMIAL_CATEGORIES = 2**24  # torch.multinomial's limit on the number of categories
+
+
+def _mean(losses_N: Tensor) -> Tensor:
+    # An empty selection gives 0 (not NaN) and keeps the graph, so every rank can still backward.
+    return losses_N.sum() / max(losses_N.numel(), 1)
+
+
+def _popularity_q(item_counts_V: Tensor, alpha: float) -> Tensor:
+    """q(item) proportional to count^alpha over real items, 0 for pad/unk (float64).
+
+    Items never seen in training count as seen once: every real item can be drawn and log q stays
+    finite for any label.
+    """
+    weights_V = item_counts_V.double().clamp(min=1.0) ** alpha
+    weights_V[:NUM_RESERVED_IDS] = 0.0
+    return weights_V / weights_V.sum()
+
+
+def _uniform_q(item_counts_V: Tensor, alpha: float) -> Tensor:
+    """q(item) = 1 / number of real items, 0 for pad/unk (float64; `alpha` is unused)."""
+    q_V = torch.full_like(item_counts_V, 1.0 / (len(item_counts_V) - NUM_RESERVED_IDS), dtype=torch.float64)
+    q_V[:NUM_RESERVED_IDS] = 0.0
+    return q_V
+
+
+PROPOSALS = {"uniform": _uniform_q, "popularity": _popularity_q}  # LossConfig.sampler -> q
+
+
+class _CountsLoss(nn.Module):
+    """Base of the losses that need training counts.
+
+    The counts live in an int64 buffer: it follows `.to(device)` but not `.to(bfloat16)` (which
+    DeepSpeed's bf16 mode applies to every float buffer), and q is derived from it in float64.
+    """
+
+    def __init__(self, cfg: LossConfig, item_counts: Tensor) -> None:
+        super().__init__()
+        self.temperature = cfg.temperature
+        self.logq_correction = cfg.logq_correction
+        self._item_counts = item_counts.detach().cpu().round().long()  # the source init_buffers restores
+        self.register_buffer("item_counts_V", self._item_counts.clone(), persistent=False)
+
+    def init_buffers(self) -> None:
+        """Restore the counts buffer (e.g. after `to_empty` from the meta device)."""
+        with torch.no_grad():
+            self.item_counts_V.copy_(self._item_counts)
+
+
+class FullSoftmaxLoss(nn.Module):
+    """Cross-entropy over every item (pad and unknown columns masked)."""
+
+    def __init__(self, cfg: LossConfig, item_counts: Tensor) -> None:
+        super().__init__()
+        self.temperature = cfg.temperature
+
+    def init_buffers(self) -> None:
+        """Nothing derived from data to restore."""
+
+    def forward(self, query_ND: Tensor, labels_N: Tensor, item_weight_VD: Tensor) -> Tensor:
+        logits_NV = (query_ND @ item_weight_VD.T).float() / self.temperature
+        logits_NV[:, :NUM_RESERVED_IDS] = -float("inf")
+        return _mean(F.cross_entropy(logits_NV, labels_N, reduction="none"))
+
+
+class SampledSoftmaxLoss(_CountsLoss):
+    """Softmax over the label plus `num_negatives` items shared by the whole batch.
+
+    Negatives are drawn with replacement from q (uniform over real items, or count^alpha) with
+    `torch.multinomial` on the default generator. A negative equal to a row's label is masked for that
+    row (accidental hit). Passing `negatives_M` explicitly skips sampling (the logQ terms still use q):
+    with all real items once and a uniform q this is exactly the full softmax.
+    """
+
+    def __init__(self, cfg: LossConfig, item_counts: Tensor) -> None:
+        super().__init__(cfg, item_counts)
+        self.num_negatives = cfg.num_negatives
+        self.sampler = cfg.sampler
+        self.alpha = cfg.popularity_alpha
+
+    def proposal(self) -> Tensor:
+        """q [V] (float64) that negatives are drawn from."""
+        return PROPOSALS[self.sampler](self.item_counts_V, self.alpha)
+
+    def sample(self, q_V: Tensor | None = None) -> Tensor:
+        """`num_negatives` item ids drawn with replacement from q."""
+        q_V = self.proposal() if q_V is None else q_V
+        return torch.multinomial(q_V, self.num_negatives, replacement=True)
+
+    def forward(
+        self, query_ND: Tensor, labels_N: Tensor, item_weight_VD: Tensor, negatives_M: Tensor | None = None
+    ) -> Tensor:
+        q_V = self.proposal()
+        if negatives_M is None:
+            negatives_M = self.sample(q_V)
+        pos_N = (query_ND * item_weight_VD[labels_N]).sum(-1).float() / self.temperature
+        neg_NM = (query_ND @ item_weight_VD[negatives_M].T).float() / self.temperature
+        if self.logq_correction:
+            log_expected_V = (q_V * len(negatives_M)).log().float()
+            pos_N = pos_N - log_expected_V[labels_N]
+            neg_NM = neg_NM - log_expected_V[negatives_M]
+        hit_NM = negatives_M.unsqueeze(0) == labels_N.unsqueeze(1)
+        neg_NM = neg_NM.masked_fill(hit_NM, -float("inf"))
+        logits_N1M = torch.cat([pos_N.unsqueeze(1), neg_NM], dim=1)
+        target_N = torch.zeros_like(labels_N)
+        return _mean(F.cross_entropy(logits_N1M, target_N, reduction="none"))
+
+
+class InBatchSoftmaxLoss(_CountsLoss):
+    """Softmax over the unique labels of the batch; each row's own label is its positive.
+
+    With N labels drawn from the label distribution p (p proportional to training counts), an item
+    appears among the unique candidates with probability 1 - (1 - p)^N; the log of that is subtracted
+    from every logit when `logq_correction` is on (popular items are not over-penalised).
+    """
+
+    def forward(self, query_ND: Tensor, labels_N: Tensor, item_weight_VD: Tensor) -> Tensor:
+        candidates_C, target_N = torch.unique(labels_N, sorted=True, return_inverse=True)
+        logits_NC = (query_ND @ item_weight_VD[candidates_C].T).float() / self.temperature
+        if self.logq_correction:
+            p_C = _popularity_q(self.item_counts_V, 1.0)[candidates_C]
+            # log(1 - (1 - p)^N), computed stably for tiny p.
+            log_incl_C = torch.log(-torch.expm1(len(labels_N) * torch.log1p(-p_C))).float()
+            logits_NC = logits_NC - log_incl_C
+        return _mean(F.cross_entropy(logits_NC, target_N, reduction="none"))
+
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "full": FullSoftmaxLoss,
+    "sampled": SampledSoftmaxLoss,
+    "in_batch": InBatchSoftmaxLoss,
+}
+
+
+def build_loss(cfg: LossConfig, item_counts: Tensor) -> nn.Module:
+    """The loss module for `cfg.kind`; `item_counts` [V] are training counts per item id."""
+    if cfg.kind not in LOSSES:
+        raise ValueError(f"loss.kind must be one of {sorted(LOSSES)}, got {cfg.kind!r}")
+    if cfg.temperature <= 0:
+        raise ValueError(f"loss.temperature must be > 0, got {cfg.temperature}")
+    if cfg.kind == "sampled" and cfg.num_negatives <= 0:
+        raise ValueError(f"loss.num_negatives must be > 0, got {cfg.num_negatives}")
+    if cfg.popularity_alpha < 0:
+        raise ValueError(f"loss.popularity_alpha must be >= 0, got {cfg.popularity_alpha}")
+    if item_counts.dim() != 1 or len(item_counts) <= NUM_RESERVED_IDS or bool((item_counts < 0).any()):
+        raise ValueError(
+            f"item_counts must be [num_items] non-negative counts with num_items > 2, got shape {tuple(item_counts.shape)}"
+        )
+    if cfg.kind == "sampled" and len(item_counts) > MAX_MULTINOMIAL_CATEGORIES:
+        raise ValueError(
+            f"loss.kind = 'sampled' draws with torch.multinomial, which takes at most "
+            f"{MAX_MULTINOMIAL_CATEGORIES} items; the catalogue has {len(item_counts)}"
+        )
+    return LOSSES[cfg.kind](cfg, item_counts)

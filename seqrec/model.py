@@ -1,0 +1,387 @@
+"""The sequential recommender (SASRec family): fused embeddings -> causal pre-norm transformer -> item scores.
+
+Per input event, ONE `FusedEmbedding` call looks up the item id, the item's side features (gathered by
+item id from buffers), the event features (action, context), a log2 time-gap bucket to the previous
+event and a learned position; the vectors are summed, padded positions zeroed, and fed through
+`num_layers` pre-norm blocks (attention with `F.scaled_dot_product_attention`, GELU feed-forward).
+Scores are tied to the item rows of the fused table: `h @ embeddings.weight[:num_items].T`.
+
+Positions are anchored at the right end of the window (the most recent input event is always
+position max_len - 1), so left padding changes nothing: the same history scores the same in any
+window width <= max_len + 1 and next to any other rows.
+
+This module is a plain nn.Module: no torch.distributed, deepspeed, pyspark or wandb (engine.py wraps
+it). Every submodule initialises itself in its own __init__, so `deepspeed.zero.Init` (which
+partitions each module as soon as its __init__ returns) sees the intended initialisation;
+`init_weights()` redoes all of it after `to_empty()` from the meta device.
+
+Legend: B batch rows, W row width (max_len + 1), L input length (W - 1), E embedding width,
+D d_model, H heads, Dh head width (D / H), V catalogue size (incl. pad 0 and unknown 1),
+K values per multi-valued item feature, T counted labels in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqrec.config import EmbeddingsConfig, LossConfig, ModelConfig
+from seqrec.data import schema
+from seqrec.data.schema import PAD_ID, UNK_ID
+from seqrec.embeddings import FusedEmbedding, TableSpec
+from seqrec.losses import build_loss
+
+if TYPE_CHECKING:
+    from seqrec.data.schema import Manifest
+
+ITEM = "item"
+TIME_GAP = "time_gap"  # fused-table feature names the model adds itself
+POSITION = "position"
+MAX_TIME_BUCKETS = 62  # bucket boundaries are powers of two in int64
+
+
+@dataclass
+class DataSpec:
+    """Everything the model needs to know about the data (built from the manifest, not hand-typed).
+
+    Args:
+        max_len: input events per row (rows hold max_len + 1 ids).
+        num_items: item catalogue size V, including pad (0) and unknown (1).
+        event_features: per-event feature name -> num_embeddings (action, context columns).
+        item_features: item side feature name -> LongTensor [V] (single-valued) or [V, K] (multi-valued,
+            padded with 0), indexed by item id.
+        item_feature_sizes: item side feature name -> num_embeddings.
+        item_counts: [V] training counts per item id (popularity proposal, logQ, baseline).
+    """
+
+    max_len: int
+    num_items: int
+    event_features: dict[str, int]
+    item_features: dict[str, Tensor]
+    item_feature_sizes: dict[str, int]
+    item_counts: Tensor
+
+    def __post_init__(self) -> None:
+        if self.max_len <= 0 or self.num_items <= schema.NUM_RESERVED_IDS:
+            raise ValueError(
+                f"DataSpec: need max_len > 0 and num_items > 2, got {self.max_len}, {self.num_items}"
+            )
+        if tuple(self.item_counts.shape) != (self.num_items,):
+            raise ValueError(
+                f"DataSpec.item_counts must be [{self.num_items}], got {tuple(self.item_counts.shape)}"
+            )
+        for name, ids in self.item_features.items():
+            if name not in self.item_feature_sizes:
+                raise ValueError(f"DataSpec: item feature '{name}' has no entry in item_feature_sizes")
+            if ids.dim() not in (1, 2) or ids.shape[0] != self.num_items:
+                raise ValueError(
+                    f"DataSpec: item feature '{name}' must be [{self.num_items}] or [{self.num_items}, K], got {tuple(ids.shape)}"
+                )
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> DataSpec:
+        """Read sizes from the manifest and the per-item tables from item_features.parquet."""
+        table = schema.item_features_table(manifest)
+        path = manifest.path(schema.ITEM_FEATURES_FILE)
+        order = _item_order(table.column(schema.COL_ITEM), manifest.num_items, path)
+        features = manifest.features
+        item_features: dict[str, Tensor] = {}
+        for name in manifest.item_side_features:
+            spec = features[name]
+            multi = spec.kind == schema.KIND_ITEM_MULTI
+            values = (
+                _list_column(table.column(name), path, name)
+                if multi
+                else _int_column(table.column(name), path, name)
+            )
+            _check_ids(values, spec.num_embeddings, path, name)
+            item_features[name] = torch.from_numpy(values[order])
+        counts = _int_column(table.column(schema.COL_TRAIN_COUNT), path, schema.COL_TRAIN_COUNT)
+        return cls(
+            max_len=manifest.max_len,
+            num_items=manifest.num_items,
+            event_features={n: features[n].num_embeddings for n in manifest.event_features},
+            item_features=item_features,
+            item_feature_sizes={n: features[n].num_embeddings for n in manifest.item_side_features},
+            item_counts=torch.from_numpy(counts[order]),
+        )
+
+
+def _item_order(column: Any, num_items: int, path: str) -> np.ndarray:
+    """Row order that sorts the table by item id; the ids must be exactly 0..num_items-1."""
+    ids = _int_column(column, path, schema.COL_ITEM)
+    order = np.argsort(ids, kind="stable")
+    if not np.array_equal(ids[order], np.arange(num_items)):
+        raise schema.SchemaError(
+            f"{path}: column '{schema.COL_ITEM}' must hold every id 0..{num_items - 1} exactly once"
+        )
+    return order
+
+
+def _int_column(column: Any, path: str, name: str) -> np.ndarray:
+    if column.null_count:
+        row = column.is_null().to_numpy(zero_copy_only=False).argmax()
+        raise schema.SchemaError(f"{path}: column '{name}' has a null at row {row}")
+    return column.to_numpy().astype("int64")
+
+
+def _list_column(column: Any, path: str, name: str) -> np.ndarray:
+    """list<int> column -> int64 [rows, K], right-padded with 0 to the longest list."""
+    lists = column.combine_chunks()
+    if lists.null_count:
+        raise schema.SchemaError(
+            f"{path}: column '{name}' has a null list at row {lists.is_null().to_numpy(zero_copy_only=False).argmax()}"
+        )
+    offsets = lists.offsets.to_numpy()
+    values = _int_column(lists.flatten(), path, name)
+    lengths = np.diff(offsets)
+    out = np.zeros((len(lengths), max(int(lengths.max(initial=0)), 1)), dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    out[rows, np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], lengths)] = values
+    return out
+
+
+def _check_ids(values: np.ndarray, num_embeddings: int, path: str, name: str) -> None:
+    bad = (values < 0) | (values >= num_embeddings)
+    if bad.any():
+        row = int(bad.reshape(len(values), -1).any(1).argmax())
+        raise schema.SchemaError(
+            f"{path}: column '{name}' row {row} holds {values[row].tolist()}, outside [0, {num_embeddings}) from the manifest"
+        )
+
+
+def time_gap_ids(ts_BL: Tensor, valid_BL: Tensor, num_buckets: int) -> Tensor:
+    """Time-gap ids [B, L]: 0 pad, 1 no previous event (or time going backwards), else
+    2 + min(floor(log2(gap_seconds + 1)), num_buckets - 1), computed exactly in integers."""
+    gap_BL = torch.zeros_like(ts_BL)
+    gap_BL[:, 1:] = ts_BL[:, 1:] - ts_BL[:, :-1]
+    has_prev_BL = torch.zeros_like(valid_BL)
+    has_prev_BL[:, 1:] = valid_BL[:, :-1]
+    # floor(log2(x)) for x >= 1 = number of powers of two 2^1..2^(n-1) that are <= x (capped at n - 1).
+    bounds = 2 ** torch.arange(1, num_buckets, device=ts_BL.device, dtype=torch.long)
+    bucket_BL = torch.bucketize(gap_BL.clamp(min=0) + 1, bounds, right=True)
+    ids_BL = torch.where(has_prev_BL & (gap_BL >= 0), bucket_BL + schema.NUM_RESERVED_IDS, UNK_ID)
+    return torch.where(valid_BL, ids_BL, PAD_ID)
+
+
+class Linear(nn.Linear):
+    """nn.Linear initialised N(0, std), zero bias, from its own __init__ (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, std: float = 0.02) -> None:
+        self.init_std = std  # read by reset_parameters, which nn.Linear.__init__ calls
+        super().__init__(in_features, out_features)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
+        nn.init.zeros_(self.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + FFN(LN(x)); dropout on both branches."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, residual_std = cfg.d_model, 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2 residual scaling
+        self.num_heads = cfg.num_heads
+        self.attn_norm = nn.LayerNorm(d)
+        self.qkv = Linear(d, 3 * d)
+        self.attn_out = Linear(d, d, std=residual_std)
+        self.ffn_norm = nn.LayerNorm(d)
+        self.ffn_in = Linear(d, cfg.ffn_mult * d)
+        self.ffn_out = Linear(cfg.ffn_mult * d, d, std=residual_std)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BLD: Tensor, allowed_B1LL: Tensor) -> Tensor:
+        x_BLD = x_BLD + self.dropout(self.attn_out(self._attention(self.attn_norm(x_BLD), allowed_B1LL)))
+        return x_BLD + self.dropout(self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x_BLD)))))
+
+    def _attention(self, x_BLD: Tensor, allowed_B1LL: Tensor) -> Tensor:
+        B, L, D = x_BLD.shape
+        q_BHLDh, k_BHLDh, v_BHLDh = (
+            self.qkv(x_BLD).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
+        out_BHLDh = F.scaled_dot_product_attention(q_BHLDh, k_BHLDh, v_BHLDh, attn_mask=allowed_B1LL)
+        return out_BHLDh.transpose(1, 2).reshape(B, L, D)
+
+
+def attention_mask(valid_BL: Tensor) -> Tensor:
+    """[B, 1, L, L] True where query i may attend key j: j <= i and j is real, or j == i.
+
+    The diagonal keeps a softmax row non-empty for padded queries (no NaN); real queries never see
+    padded keys, so whatever padded rows compute cannot leak into real ones.
+    """
+    L = valid_BL.shape[1]
+    causal_LL = torch.ones(L, L, dtype=torch.bool, device=valid_BL.device).tril()
+    eye_LL = torch.eye(L, dtype=torch.bool, device=valid_BL.device)
+    return (causal_LL & valid_BL[:, None, None, :]) | eye_LL
+
+
+class SeqRecModel(nn.Module):
+    """Causal transformer recommender over left-padded event windows (see the module docstring).
+
+    Args:
+        spec: the data description (`DataSpec.from_manifest`).
+        model_cfg: transformer sizes and dropout.
+        emb_cfg: fused table width, pooling, and which features to use.
+        loss_cfg: the training objective (`losses.build_loss`).
+
+    Example:
+        model = SeqRecModel(spec, ModelConfig(d_model=16), EmbeddingsConfig(dim=16), LossConfig())
+        model(batch)["loss"].backward()
+        model(batch, task="score")["scores"]  # [B, V]
+    """
+
+    def __init__(
+        self, spec: DataSpec, model_cfg: ModelConfig, emb_cfg: EmbeddingsConfig, loss_cfg: LossConfig
+    ) -> None:
+        super().__init__()
+        _check_configs(model_cfg, emb_cfg)
+        self.spec = spec  # plain attribute: the source the buffers are restored from in init_weights
+        self.max_len = spec.max_len
+        self.num_items = spec.num_items
+        self.item_feature_names = list(spec.item_features) if emb_cfg.use_item_features else []
+        self.event_feature_names = list(spec.event_features) if emb_cfg.use_actions else []
+        self.num_time_buckets = emb_cfg.num_time_buckets if emb_cfg.use_time_gaps else 0
+        self.embeddings = FusedEmbedding(self._tables(), emb_cfg.dim, multi_pooling=emb_cfg.multi_pooling)
+        for name in self.item_feature_names:
+            # Persistent, so a state_dict alone reproduces the scores (export, serving).
+            self.register_buffer(_buffer_name(name), spec.item_features[name].detach().clone().long())
+        same_width = emb_cfg.dim == model_cfg.d_model
+        self.in_proj = nn.Identity() if same_width else Linear(emb_cfg.dim, model_cfg.d_model)
+        self.out_proj = nn.Identity() if same_width else Linear(model_cfg.d_model, emb_cfg.dim)
+        self.dropout = nn.Dropout(model_cfg.dropout)
+        self.blocks = nn.ModuleList(Block(model_cfg) for _ in range(model_cfg.num_layers))
+        self.final_norm = nn.LayerNorm(model_cfg.d_model)
+        self.loss = build_loss(loss_cfg, spec.item_counts)
+
+    def _tables(self) -> list[TableSpec]:
+        spec = self.spec
+        tables = [TableSpec(ITEM, spec.num_items)]
+        tables += [
+            TableSpec(n, spec.item_feature_sizes[n], spec.item_features[n].dim() == 2)
+            for n in self.item_feature_names
+        ]
+        tables += [TableSpec(n, spec.event_features[n]) for n in self.event_feature_names]
+        if self.num_time_buckets:
+            tables.append(TableSpec(TIME_GAP, self.num_time_buckets + schema.NUM_RESERVED_IDS))
+        tables.append(TableSpec(POSITION, spec.max_len))
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"feature names collide in the fused table: {names} ('{TIME_GAP}' and '{POSITION}' are reserved)"
+            )
+        return tables
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and data buffer, e.g. after `to_empty()` from the meta device."""
+        for module in self.modules():
+            if isinstance(module, Linear | nn.LayerNorm):
+                module.reset_parameters()
+        self.embeddings.init_weights()
+        for name in self.item_feature_names:
+            buf = getattr(self, _buffer_name(name))
+            buf.copy_(self.spec.item_features[name].to(buf.device))
+        self.loss.init_buffers()
+
+    def num_params(self) -> int:
+        """Parameter count (the full count under ZeRO-3 partitioning too, via `ds_numel`)."""
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.parameters())
+
+    def forward(
+        self, batch: dict[str, Tensor], task: Literal["train", "score"] = "train"
+    ) -> dict[str, Tensor]:
+        """train: {"loss", "num_tokens"}; score: {"scores": [B, V] float32, pad/unk = -inf}."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+        return TASKS[task](self, batch)
+
+    def train_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Mean loss over counted labels (label > 1 at a real input position) and their count."""
+        item_BW = batch[ITEM]
+        h_BLD = self.encode(batch)
+        labels_BL = item_BW[:, 1:]
+        counted_BL = (labels_BL > UNK_ID) & (item_BW[:, :-1] != PAD_ID)
+        query_TE = self.out_proj(h_BLD[counted_BL])
+        # Tied output: the item rows of the fused table, used directly (ZeRO-3 external parameter).
+        loss = self.loss(query_TE, labels_BL[counted_BL].long(), self.embeddings.weight[: self.num_items])
+        return {"loss": loss, "num_tokens": counted_BL.sum()}
+
+    def score(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """float32 logits [B, V] of the state at the last input position (it predicts item[:, -1])."""
+        query_BE = self.out_proj(self.encode(batch)[:, -1])
+        # fp32 matmul even under autocast: bf16 scores would create ties, which rank pessimistically.
+        with torch.autocast(device_type=query_BE.device.type, enabled=False):
+            scores_BV = query_BE.float() @ self.embeddings.weight[: self.num_items].float().T
+        scores_BV[:, : schema.NUM_RESERVED_IDS] = -float("inf")
+        return {"scores": scores_BV}
+
+    def encode(self, batch: dict[str, Tensor]) -> Tensor:
+        """Final-normed hidden states h_BLD of the input events item[:, :-1] (position t sees events <= t)."""
+        item_BL = batch[ITEM][:, :-1]
+        valid_BL = item_BL != PAD_ID
+        x_BLD = self.dropout(self.in_proj(self.embed(batch)))
+        allowed_B1LL = attention_mask(valid_BL)
+        for block in self.blocks:
+            x_BLD = block(x_BLD, allowed_B1LL)
+        return self.final_norm(x_BLD)
+
+    def embed(self, batch: dict[str, Tensor]) -> Tensor:
+        """Summed fused embeddings emb_BLE of the input events; zero at padded positions."""
+        item_BL = batch[ITEM][:, :-1]
+        L = item_BL.shape[1]
+        if L > self.max_len or L < 1:
+            raise ValueError(
+                f"batch['item'] has width {L + 1}; this model takes 2..{self.max_len + 1} (max_len + 1)"
+            )
+        ids: dict[str, Tensor] = {ITEM: item_BL}
+        for name in self.item_feature_names:
+            ids[name] = getattr(self, _buffer_name(name))[item_BL]
+        for name in self.event_feature_names:
+            ids[name] = _batch_column(batch, name)[:, :-1]
+        valid_BL = item_BL != PAD_ID
+        if self.num_time_buckets:
+            ids[TIME_GAP] = time_gap_ids(
+                _batch_column(batch, schema.COL_TS)[:, :-1], valid_BL, self.num_time_buckets
+            )
+        # Right-anchored positions: the last input event is always position max_len - 1.
+        ids[POSITION] = torch.arange(self.max_len - L, self.max_len, device=item_BL.device)
+        emb_BLE = sum(self.embeddings(ids).values())
+        return emb_BLE * valid_BL.unsqueeze(-1).to(emb_BLE.dtype)
+
+
+TASKS = {"train": SeqRecModel.train_loss, "score": SeqRecModel.score}  # forward(task=...) -> method
+
+
+def _buffer_name(feature: str) -> str:
+    return f"item_feature_{feature}"
+
+
+def _batch_column(batch: dict[str, Tensor], name: str) -> Tensor:
+    if name not in batch:
+        raise KeyError(
+            f"batch has no column '{name}' (has {sorted(batch)}); does the data match the model's DataSpec?"
+        )
+    return batch[name]
+
+
+def _check_configs(model_cfg: ModelConfig, emb_cfg: EmbeddingsConfig) -> None:
+    if model_cfg.d_model <= 0 or model_cfg.num_heads <= 0 or model_cfg.d_model % model_cfg.num_heads:
+        raise ValueError(
+            f"model.d_model ({model_cfg.d_model}) must be a positive multiple of model.num_heads ({model_cfg.num_heads})"
+        )
+    if model_cfg.num_layers <= 0 or model_cfg.ffn_mult <= 0:
+        raise ValueError(
+            f"model.num_layers and model.ffn_mult must be > 0, got {model_cfg.num_layers}, {model_cfg.ffn_mult}"
+        )
+    if emb_cfg.dim <= 0:
+        raise ValueError(f"embeddings.dim must be > 0, got {emb_cfg.dim}")
+    if emb_cfg.use_time_gaps and not 1 <= emb_cfg.num_time_buckets <= MAX_TIME_BUCKETS:
+        raise ValueError(
+            f"embeddings.num_time_buckets must be in [1, {MAX_TIME_BUCKETS}], got {emb_cfg.num_time_buckets}"
+        )

@@ -1,0 +1,141 @@
+"""Per-rank functions for the multi-process tests (module level so the spawn start method can pickle them)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def tiny_config(data: str, run_dir: str, **overrides: Any):
+    """A tiny RunConfig for tests: 2 layers, d_model 16, no dropout, W&B off."""
+    from seqrec.config import load_config
+
+    sets = {
+        "data.path": data,
+        "run_dir": run_dir,
+        "model.d_model": 16,
+        "model.num_heads": 2,
+        "model.num_layers": 2,
+        "model.dropout": 0.0,
+        "embeddings.dim": 16,
+        "tracking.wandb": "disabled",
+        "optim.warmup_steps": 2,
+        "optim.lr": 0.01,
+        "optim.embedding_lr": 0.01,
+        "train.log_every": 2,
+        **overrides,
+    }
+    return load_config(None, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={_toml(v)}" for k, v in sets.items()])
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return str(v)
+
+
+def _train_rows(data: str, n: int) -> dict[str, torch.Tensor]:
+    """The first n training rows, in file order, as a batch."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from seqrec.data.schema import read_manifest
+
+    m = read_manifest(data)
+    table = pq.read_table([m.path(f.path) for f in m.files("train")][0]).slice(0, n)
+    return {
+        c: torch.from_numpy(np.stack(table.column(c).to_numpy(zero_copy_only=False)).astype(np.int64))
+        if c != "length"
+        else torch.from_numpy(table.column(c).to_numpy().astype(np.int64))
+        for c in table.column_names
+        if c != "user"
+    }
+
+
+def full_params(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Every parameter's full value (gathered under ZeRO-3)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {n: p.detach().clone().float() for n, p in module.named_parameters()}
+    return {n: p.detach().clone().float() for n, p in module.named_parameters()}
+
+
+def equivalence_worker(data: str, run_dir: str, zero_stage: int, micro: int, steps: int) -> dict[str, Any]:
+    """Train `steps` optimizer steps on fixed global batches of 2 x micro rows.
+
+    World 2: rank r takes rows [r*micro, (r+1)*micro) of each global batch, no accumulation.
+    World 1: the same two halves one after the other with gradient accumulation 2.
+    """
+    from seqrec.engine import build_engine, init_distributed
+    from seqrec.data.schema import read_manifest
+    from seqrec.model import DataSpec, SeqRecModel
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = tiny_config(data, run_dir, **{"dist.zero_stage": zero_stage, "train.micro_batch_size": micro,
+                                        "train.global_batch_size": 2 * micro, "train.max_steps": steps})
+    info = init_distributed(cfg.dist)
+    torch.manual_seed(0)
+    model = SeqRecModel(DataSpec.from_manifest(read_manifest(data)), cfg.model, cfg.embeddings, cfg.loss)
+    model.init_weights()
+    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist)
+    initial = full_params(engine.module, zero_stage)
+    rows = _train_rows(data, 2 * micro * steps)
+    losses = []
+    for step in range(steps):
+        base = step * 2 * micro
+        halves = [{k: v[base + h * micro: base + (h + 1) * micro] for k, v in rows.items()} for h in range(2)]
+        mine = halves if world == 1 else [halves[info.rank]]
+        step_losses = []
+        for batch in mine:
+            out = engine.forward(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            step_losses.append(out["loss"].detach())
+        loss = torch.stack(step_losses).mean()
+        if world > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= world
+        losses.append(float(loss))
+    return {"losses": losses, "params": full_params(engine.module, zero_stage), "initial": initial}
+
+
+def equivalence_all_stages(data: str, run_dir: str, stages: list[int], micro: int, steps: int) -> dict[str, Any]:
+    """equivalence_worker for several ZeRO stages in one process group (one launch: faster tests),
+    plus the ZeRO-3 partition report on 2 ranks."""
+    out: dict[str, Any] = {s: equivalence_worker(data, f"{run_dir}/z{s}", s, micro, steps) for s in stages}
+    if int(os.environ["WORLD_SIZE"]) == 2:
+        out["partition"] = zero3_partition_worker(data, f"{run_dir}/partition")
+    return out
+
+
+def zero3_partition_worker(data: str, run_dir: str) -> dict[str, int]:
+    """Build the engine under ZeRO-3 and report how much of the fused table this rank holds."""
+    from seqrec.engine import build_engine, init_distributed
+    from seqrec.data.schema import read_manifest
+    from seqrec.model import DataSpec, SeqRecModel
+
+    cfg = tiny_config(data, run_dir, **{"dist.zero_stage": 3, "train.micro_batch_size": 4, "train.global_batch_size": 8})
+    info = init_distributed(cfg.dist)
+    model = SeqRecModel(DataSpec.from_manifest(read_manifest(data)), cfg.model, cfg.embeddings, cfg.loss)
+    model.init_weights()
+    full = model.embeddings.weight.numel()
+    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist)
+    weight = engine.module.embeddings.weight
+    out = engine.forward(_train_rows(data, 4))  # a forward still works on the partitioned table
+    return {"full": full, "ds_numel": int(weight.ds_numel), "local": int(weight.ds_tensor.numel()),
+            "visible": int(weight.numel()), "loss_finite": bool(torch.isfinite(out["loss"]))}
+
+
+def train_worker(cfg_sets: dict[str, Any]) -> dict[str, Any] | None:
+    """The real `seqrec train` entry point on this rank."""
+    from seqrec.train import train
+
+    cfg = tiny_config(**cfg_sets)
+    return train(cfg)
