@@ -90,9 +90,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not args.force and _prepared_already(cfg):
         print(f"{cfg.prepare.output}: already prepared with this config (--force rebuilds it)")
         return 0
-    from spark_jobs.build_sequences import run_prepare
+    from spark_jobs.build_sequences import InputDataError, run_prepare
 
-    run_prepare(cfg.prepare)
+    try:
+        run_prepare(cfg.prepare)
+    except InputDataError as e:  # unusable input (missing path or column): one line, exit 2
+        raise UserError(str(e)) from None
     return 0
 
 
@@ -115,18 +118,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra.append(f"checkpoint.resume={args.resume!r}")
     cfg = _config(args, extra)
     ensure_writable_dir(cfg.run_dir, "run folder")
+    from seqrec.engine import shutdown
     from seqrec.train import train
 
-    train(cfg, dry_run=args.dry_run)
+    try:
+        train(cfg, dry_run=args.dry_run)
+    finally:
+        shutdown()
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     extra = [f"run_dir={args.run_dir!r}"] if args.run_dir else []
     cfg = _config(args, extra)
+    from seqrec.engine import shutdown
     from seqrec.train import evaluate_checkpoint
 
-    evaluate_checkpoint(cfg, checkpoint=args.checkpoint, split=args.split)
+    try:
+        evaluate_checkpoint(cfg, checkpoint=args.checkpoint, split=args.split)
+    finally:
+        shutdown()
     return 0
 
 

@@ -76,6 +76,14 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
     return info
 
 
+def shutdown() -> None:
+    """Tear the process group down before exit (avoids aborts in gloo/NCCL destructors at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -100,6 +100,7 @@ class Trainer:
         self.best: dict[str, Any] = {"step": None, "value": -math.inf, "metrics": {}}
         self.evals_since_best = 0
         self.last_saved_step = -1
+        self.window = _Window()
         self.train_seconds = 0.0
         self.samples_seen = 0
         self.tokens_seen = 0
@@ -134,6 +135,7 @@ class Trainer:
     def save(self) -> Path:
         """Collective save; COMPLETE is written last by rank 0, after every rank finished."""
         tag = ckpt.tag_for(self.step)
+        self.flush_window()
         client = {
             "loop": self.state_dict(),
             "loader": self.loader.state_dict(),
@@ -251,20 +253,18 @@ class Trainer:
         self.engine.train()
         batches = iter(self.loader)
         progress = _progress(cfg, self.step, self.info.is_main)
-        window = _Window()
         stop = self.step >= cfg.max_steps
         steps_this_run = 0
         while not stop:
             t0 = time.perf_counter()
             out = self.train_step(batches)
             self.step += 1
-            window.add(out, time.perf_counter() - t0)
+            self.window.add(out, time.perf_counter() - t0)
             progress.update(1)
             if should_log(self.step, cfg) or should_save(self.step, cfg):
                 loss = self.check_finite(out["loss"])
             if should_log(self.step, cfg):
-                self.log_train(loss, window)
-                window = _Window()
+                self.log_train(loss)
             if should_eval(self.step, cfg):
                 stop = self.after_validation(self.validate())
             if should_save(self.step, cfg) and self.last_saved_step != self.step:
@@ -285,12 +285,21 @@ class Trainer:
         self.tracker.close()
         return None
 
-    def log_train(self, loss: float, window: _Window) -> None:
+    def flush_window(self) -> tuple[_Window, int, int]:
+        """Move the counts since the last flush into the run totals (collective: log and save steps).
+        Returns the window with its global sequence and token counts."""
+        window, self.window = self.window, _Window()
+        if not window.steps:
+            return window, 0, 0
         tokens = int(all_reduce_(window.tokens.clone().to(self._reduce_device())).item())
         sequences = window.sequences * self.info.world_size
         self.samples_seen += sequences
         self.tokens_seen += tokens
         self.train_seconds += window.seconds
+        return window, sequences, tokens
+
+    def log_train(self, loss: float) -> None:
+        window, sequences, tokens = self.flush_window()
         metrics = {
             "train/loss": loss,
             "train/epoch": self.loader.state.epoch,
@@ -323,6 +332,7 @@ class Trainer:
             folder = self.save()
             if self.info.is_main:
                 ckpt.mark_best(self.ckpt_root, folder, key, metrics[key])
+            barrier()
             return False
         self.evals_since_best += 1
         patience = self.cfg.train.early_stopping_patience
@@ -336,9 +346,10 @@ class Trainer:
         """Score the test split once with the best checkpoint; write results.json."""
         if self.best["step"] is None:
             self.after_validation(self.validate())
-        best_folder = ckpt.best(self.ckpt_root)
-        if best_folder is not None and ckpt.step_of(best_folder) != self.step:
-            self.load_weights(best_folder)
+        # The best step comes from memory (restored on resume), not from best.json: every rank must
+        # take the same decision, and rank 0 may still be writing that file.
+        if self.best["step"] != self.step:
+            self.load_weights(self.ckpt_root / ckpt.tag_for(self.best["step"]))
         self.engine.eval()
         test = evaluate(self.score, self.manifest, "test", self.cfg.eval, self.info)
         results = self.results(test)

@@ -10,7 +10,6 @@ paths onto the mounted volumes (or under an object-store prefix).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import posixpath
 import re
@@ -269,8 +268,3 @@ def _set(values: dict, key: str, value: str) -> None:
     for part in parents:
         node = node[part]
     node[last] = value
-
-
-def replace(spec: ClusterSpec, **changes: object) -> ClusterSpec:
-    """A copy of `spec` with some fields changed (tests and size sweeps)."""
-    return dataclasses.replace(spec, **changes)

@@ -139,3 +139,23 @@ def train_worker(cfg_sets: dict[str, Any]) -> dict[str, Any] | None:
 
     cfg = tiny_config(**cfg_sets)
     return train(cfg)
+
+
+def diverging_train_worker(cfg_sets: dict[str, Any], nan_from_step: int) -> str:
+    """Train with the loss turned into NaN from `nan_from_step` on; return the error message."""
+    from seqrec import train as train_mod
+
+    original = train_mod.Trainer.train_step
+
+    def poisoned(self, batches):
+        out = original(self, batches)
+        if self.step + 1 >= nan_from_step:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    train_mod.Trainer.train_step = poisoned
+    try:
+        train_mod.train(tiny_config(**cfg_sets))
+    except train_mod.TrainingDiverged as e:
+        return str(e)
+    return "no error"

@@ -16,6 +16,8 @@ import kubernetes_validate
 import pytest
 import tomllib
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from seqrec.cli import build_parser
 from seqrec.cli import main as cli_main
@@ -23,6 +25,7 @@ from seqrec.config import load_config
 from seqrec.launch import render_texts, spec_from_args
 from seqrec.launch.k8s import SPARK_PYTHON, SPARK_VERSION
 from seqrec.launch.spec import cluster_config
+from seqrec.launch.toml_writer import config_delta, dumps
 
 pytestmark = pytest.mark.unit
 
@@ -265,6 +268,34 @@ def test_configmap_holds_the_run_config_with_paths_on_the_volume(tmp_path: Path)
     assert pod_cfg.data.path == "/workspace/data/demo/shards" == pod_cfg.prepare.output
     assert pod_cfg.prepare.input.item_features_path == "/workspace/data/demo/log/items.parquet"
     assert pod_cfg.run_dir == "/workspace/runs/demo"
+
+
+def test_toml_writer_round_trips_a_config(tmp_path: Path) -> None:
+    overrides = {
+        "name": '"quote \\" back\\\\slash\\nnewline \\u00e9 \\u007f tab\\t"',
+        "optim.lr": "1e-05",
+        "optim.min_lr_ratio": "0.0",
+        "train.max_steps": "123456789",
+        "train.precision": '"bf16"',
+        "eval.ks": "[5, 20]",
+        "eval.exclude_seen": "false",
+        "prepare.input.valid_actions": '["view", "buy it"]',
+        "prepare.input.columns.context": '["device"]',
+        "prepare.filters.min_rating": "3.5",
+        "prepare.input.columns.rating": "\"stars\"",
+        "prepare.filters.start_time": "1700000000",
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    assert cfg.name == 'quote " back\\slash\nnewline \u00e9 \x7f tab\t'
+    path = tmp_path / "run.toml"
+    path.write_text(dumps(config_delta(cfg)))
+    assert load_config(path) == cfg
+    assert config_delta(load_config(None)) == {} and dumps({}) == ""
+
+
+@given(st.text())
+def test_toml_strings_round_trip(text: str) -> None:
+    assert tomllib.loads(dumps({"v": text}))["v"] == text
 
 
 def test_separate_checkpoint_claim(tmp_path: Path) -> None:

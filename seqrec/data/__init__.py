@@ -1,0 +1,1 @@
+"""Data: the shard contract (schema), the synthetic log, the petastorm loader."""

@@ -1,0 +1,245 @@
+"""Reading shards with petastorm: rank striping, equal steps per rank, exact resume, collation.
+
+Rank r of W reads the row groups whose global index (files sorted by path, row groups in file order)
+is r mod W: petastorm's `cur_shard`/`shard_count` sharding, disjoint and covering. Every rank takes
+the same number of steps per epoch (the smallest rank's rows // micro batch), so collectives never
+wait on a rank that ran dry (torchtitan: finite data with DP "can exhaust ranks at different steps").
+
+Order inside an epoch is a pure function of (seed, epoch, rank): petastorm shuffles row groups and
+rows with a seed of ours and reads synchronously inside our prefetch thread, which keeps order. The
+position is `(epoch, batches taken in this epoch)`; resuming re-opens the epoch's reader and skips
+the batches already taken, so a resumed run neither repeats nor skips a sample.
+
+Ranks are passed in as ints; this module never calls torch.distributed (torchtitan GrainDataLoader).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from seqrec.data.schema import COL_LENGTH, COL_USER, Manifest, SchemaError, verify_split
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+def _quiet_petastorm() -> None:
+    # petastorm 0.13 on pyarrow 14 emits a FutureWarning per row group (DEPENDENCIES.md) and logs
+    # at INFO that our plain Parquet shards carry no Unischema, at every reader start.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("petastorm").setLevel(logging.WARNING)
+
+
+def row_groups_per_rank(manifest: Manifest, split: str, world_size: int) -> list[int]:
+    """Rows each rank reads: row group g (global order) goes to rank g % world_size."""
+    rows = [0] * world_size
+    g = 0
+    for f in sorted(manifest.files(split), key=lambda f: manifest.path(f.path)):
+        meta = pq.ParquetFile(manifest.path(f.path)).metadata
+        for i in range(meta.num_row_groups):
+            rows[g % world_size] += meta.row_group(i).num_rows
+            g += 1
+    if g < world_size:
+        raise SchemaError(
+            f"{manifest.manifest_path}: split '{split}' has {g} row groups, fewer than the {world_size} ranks; "
+            f"re-run `seqrec prepare` with prepare.shards.max_world_size >= {world_size}"
+        )
+    return rows
+
+
+def collate(columns: dict[str, np.ndarray], names: list[str]) -> Batch:
+    """numpy columns of one batch -> int64 tensors (user ids stay out of the tensor batch)."""
+    out: Batch = {}
+    for name in names:
+        arr = columns[name]
+        if arr.dtype == object:  # list columns from petastorm come as an object array of arrays
+            arr = np.stack(arr)
+        out[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+    return out
+
+
+@dataclass(slots=True)
+class LoaderState:
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+class ShardLoader:
+    """Infinite (training) or one-pass (evaluation) batches of one split for one rank.
+
+    Args:
+        manifest: the parsed manifest of the shard folder.
+        split: "train", "valid" or "test".
+        dp_rank / dp_world_size: this rank and the data-parallel world size.
+        batch_size: rows per batch on this rank.
+        seed: base seed; epoch e reads with seed `seed * 100_003 + e + 1`.
+        shuffle: shuffle row groups and rows every epoch.
+        train: True: equal steps per rank, drop the tail, loop over epochs forever.
+            False: one pass, every row once, the last batch may be short.
+
+    Example:
+        loader = ShardLoader(m, "train", dp_rank=0, dp_world_size=2, batch_size=64, seed=0)
+        batch = next(iter(loader)); state = loader.state_dict()
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        *,
+        dp_rank: int,
+        dp_world_size: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        train: bool = True,
+        prefetch_batches: int = 8,
+    ) -> None:
+        verify_split(manifest, split)
+        self.manifest, self.split = manifest, split
+        self.rank, self.world_size = dp_rank, dp_world_size
+        self.batch_size, self.seed = batch_size, seed
+        self.shuffle, self.train = shuffle, train
+        self.prefetch_batches = prefetch_batches
+        self.rank_rows = row_groups_per_rank(manifest, split, dp_world_size)
+        self.steps_per_epoch = min(self.rank_rows) // batch_size
+        if train and self.steps_per_epoch == 0:
+            raise SchemaError(
+                f"{manifest.manifest_path}: split '{split}' gives rank {int(np.argmin(self.rank_rows))} only "
+                f"{min(self.rank_rows)} rows, fewer than one micro batch of {batch_size}"
+            )
+        self.state = LoaderState()
+        files = sorted(manifest.path(f.path) for f in manifest.files(split))
+        self.urls = [Path(p).resolve().as_uri() if "://" not in p else p for p in files]
+        schema = pq.ParquetFile(files[0]).schema_arrow
+        self.columns = [n for n in schema.names if n != COL_USER]
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.state.epoch, "batches_in_epoch": self.state.batches_in_epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = LoaderState(epoch=int(state["epoch"]), batches_in_epoch=int(state["batches_in_epoch"]))
+
+    # ---------------------------------------------------------------- reading
+    def _epoch_seed(self, epoch: int) -> int:
+        # Never 0: petastorm treats seed 0 like None and shuffles with the global np.random state.
+        return self.seed * 100_003 + epoch + 1
+
+    def _rows(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """Row-group chunks of this rank for one epoch, in the epoch's deterministic order."""
+        from petastorm import make_batch_reader
+
+        _quiet_petastorm()
+        reader = make_batch_reader(
+            self.urls,
+            schema_fields=self.columns,
+            # The thread pool of petastorm 0.13.1 loses row groups now and then (seen here: 3 of 12
+            # reads of 15 row groups came back short). The synchronous pool is exact; our own
+            # background thread (__iter__) provides the prefetching.
+            reader_pool_type="dummy",
+            seed=self._epoch_seed(epoch),
+            shuffle_row_groups=self.shuffle,
+            shuffle_rows=self.shuffle,
+            num_epochs=1,
+            cur_shard=self.rank,
+            shard_count=self.world_size,
+        )
+        try:
+            for chunk in reader:
+                yield chunk._asdict()
+        finally:
+            # Not `with reader:`: its __exit__ prints "Cache cleanup complete." to stdout.
+            reader.stop()
+            reader.join()
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        """Fixed-size batches of one epoch (the tail is kept only in one-pass mode)."""
+        pending: list[dict[str, np.ndarray]] = []
+        pending_rows = 0
+        for chunk in self._rows(epoch):
+            pending.append(chunk)
+            pending_rows += len(chunk[COL_LENGTH])
+            while pending_rows >= self.batch_size:
+                merged = {k: np.concatenate([c[k] for c in pending]) for k in self.columns}
+                yield collate({k: v[: self.batch_size] for k, v in merged.items()}, self.columns)
+                rest = {k: v[self.batch_size :] for k, v in merged.items()}
+                pending_rows -= self.batch_size
+                pending = [rest] if pending_rows else []
+        if pending_rows and not self.train:
+            merged = {k: np.concatenate([c[k] for c in pending]) for k in self.columns}
+            yield collate(merged, self.columns)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Batches in order, prepared by a background thread; the position advances as they are taken."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+        start = LoaderState(self.state.epoch, self.state.batches_in_epoch)
+
+        def worker() -> None:
+            try:
+                for batch in self._produce_from(start):
+                    while not stop.is_set():
+                        try:
+                            q.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(_END)
+            except BaseException as e:  # surface reader errors in the consumer thread
+                q.put(_Failure(e))
+
+        thread = threading.Thread(target=worker, name=f"loader-{self.split}-r{self.rank}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                (epoch, index), batch = item
+                # Advance before handing the batch out: a checkpoint taken after training on it must
+                # resume after it.
+                self.state = LoaderState(epoch=epoch, batches_in_epoch=index + 1)
+                yield batch
+        finally:
+            stop.set()
+
+    def _produce_from(self, start: LoaderState) -> Iterator[tuple[tuple[int, int], Batch]]:
+        """(position, batch) from `start` on: skip batches already taken, stop epochs at steps_per_epoch."""
+        epoch, skip = start.epoch, start.batches_in_epoch
+        while True:
+            with contextlib.closing(self._batches(epoch)) as batches:
+                for i, batch in enumerate(batches):
+                    if self.train and i >= self.steps_per_epoch:
+                        break
+                    if i >= skip:
+                        yield (epoch, i), batch
+            if not self.train:
+                return
+            epoch, skip = epoch + 1, 0
+
+
+_END = object()
+
+
+@dataclass(slots=True)
+class _Failure:
+    error: BaseException
+
