@@ -159,6 +159,18 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    ensure_writable_dir(args.output, "output folder")
+    from seqrec.data.movielens import FetchError, fetch
+
+    try:
+        path = fetch(args.name, args.output, url=args.url, force=args.force)
+    except FetchError as e:
+        raise UserError(str(e)) from None
+    print(f"{args.name}: {path}")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from seqrec.report import print_summary
 
@@ -232,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output Parquet file")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=512)
+
+    p = sub.add_parser("fetch", help="download a public MovieLens archive (needs network access)")
+    p.add_argument("name", choices=["movielens-100k", "movielens-latest-small", "movielens-1m"])
+    p.add_argument("--output", default="data/raw", help="folder; the files land in OUTPUT/NAME/")
+    p.add_argument("--url", help="another location of the same archive (e.g. a file:// mirror)")
+    p.add_argument("--force", action="store_true", help="download again even if the folder verifies")
+    p.set_defaults(fn=cmd_fetch)
 
     p = add("summary", cmd_summary, "print the results table of a run folder")
     p.add_argument("--run-dir", default="runs/demo")

@@ -1,0 +1,257 @@
+"""Reading raw event logs and item tables into Spark, one adapter per input format.
+
+Every reader returns the raw values as strings (what the quarantine table shows) plus `_row`, the
+event's position in the input: files in path-name order, rows in file order. `_row` is the stable
+tie-break for events with equal timestamps and the time of the `sequence-lines` format.
+
+Formats (`prepare.input.format`):
+
+    parquet, csv, json       generic tables; `input.columns` names the columns
+    movielens-100k           `u.data`: tab separated, no header: user item rating unix_ts
+    movielens-latest-small   `ratings.csv`: header userId,movieId,rating,timestamp
+    movielens-1m             `ratings.dat`: UserID::MovieID::Rating::Timestamp
+    sequence-lines           `user item` per line, each user's lines already in time order
+                             (the line order is the time: `input.timestamp_format = "order"`)
+
+The adapters expose fixed column names, which the default `input.columns` already match:
+`user_id`, `item_id`, `ts`, and `rating` for the MovieLens files (set `columns.rating = "rating"` to
+use it, `columns.action = ""`: MovieLens has no action column). A path may be the adapter's folder
+(`.../movielens-100k`): its standard file (`u.data`, ...) is used.
+
+Item tables (`input.item_features_format`) give `item_id` plus feature columns; the MovieLens
+adapters give `genres` (array of strings) from `u.item` (19 genre flags named by `u.genre`),
+`movies.csv` (pipe-separated, quoted titles with commas) or `movies.dat` (`::` separated).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.types import ArrayType, StringType
+
+from seqrec.config import InputConfig
+
+log = logging.getLogger(__name__)
+
+ROW = "_row"
+"""Input position of an event (files in name order, then rows in file order), dense from 0."""
+CORRUPT = "_corrupt_record"
+"""Spark's column for JSON lines it could not parse."""
+
+_EVENT_FILES = {
+    "movielens-100k": "u.data",
+    "movielens-latest-small": "ratings.csv",
+    "movielens-1m": "ratings.dat",
+    "sequence-lines": "sequences.txt",
+}
+_ITEM_FILES = {"movielens-100k": "u.item", "movielens-latest-small": "movies.csv", "movielens-1m": "movies.dat"}
+_ML100K_GENRE_FLAGS = 19  # u.item: id|title|release|video release|url|19 genre flags
+_ML_COLUMNS = ["user_id", "item_id", "rating", "ts"]
+
+
+class InputDataError(ValueError):
+    """Unusable input (missing path, missing column): the job stops; the message names the culprit."""
+
+
+@dataclass(frozen=True, slots=True)
+class RawEvents:
+    """Raw events: `df` has `_row` and one string column per role (user, item, timestamp, ...).
+
+    `names` maps each role present to the input column name it came from (for the quarantine table).
+    """
+
+    df: DataFrame
+    names: dict[str, str]
+    path: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths (through Hadoop's FileSystem, so s3a://, gs://, hdfs:// work wherever Spark has the connector)
+# --------------------------------------------------------------------------------------------------
+
+
+def _hadoop_path(spark: SparkSession, path: str):  # noqa: ANN202 - py4j objects are untyped
+    jvm = spark.sparkContext._jvm
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return p, p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+
+
+def path_exists(spark: SparkSession, path: str) -> bool:
+    """True when `path` (a file, folder or glob) matches anything."""
+    p, fs = _hadoop_path(spark, path)
+    statuses = fs.globStatus(p)
+    return statuses is not None and len(statuses) > 0
+
+
+def is_dir(spark: SparkSession, path: str) -> bool:
+    p, fs = _hadoop_path(spark, path)
+    return bool(fs.exists(p) and fs.getFileStatus(p).isDirectory())
+
+
+def resolve_input(spark: SparkSession, path: str, standard_file: str | None, what: str) -> str:
+    """The path to read: `path` itself, or its adapter's standard file when `path` is a folder."""
+    if not path:
+        raise InputDataError(f"{what} path is empty")
+    if not path_exists(spark, path):
+        raise InputDataError(f"{what} path {path} does not exist")
+    if standard_file and is_dir(spark, path):
+        inner = path.rstrip("/") + "/" + standard_file
+        if not path_exists(spark, inner):
+            raise InputDataError(f"{what} folder {path} has no {standard_file}")
+        return inner
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Event readers: format -> DataFrame of named columns
+# --------------------------------------------------------------------------------------------------
+
+
+def _split_text(spark: SparkSession, path: str, pattern: str, names: list[str]) -> DataFrame:
+    parts = F.split(F.trim(F.col("value")), pattern)  # trim: no empty field before leading blanks
+    return spark.read.text(path).select(*[parts.getItem(i).alias(n) for i, n in enumerate(names)])
+
+
+def _read_csv(spark: SparkSession, path: str, sep: str, header: bool) -> DataFrame:
+    # escape='"' reads RFC 4180 quoting ("a ""b"", c"); every column stays a string.
+    return spark.read.options(sep=sep, header=str(header).lower(), quote='"', escape='"').csv(path)
+
+
+def _reader(spark: SparkSession, inp: InputConfig, path: str) -> DataFrame:
+    readers = {
+        "parquet": lambda: spark.read.parquet(path),
+        "csv": lambda: _read_csv(spark, path, inp.csv_delimiter, inp.csv_header),
+        "json": lambda: spark.read.option("primitivesAsString", "true").json(path),
+        "movielens-100k": lambda: _split_text(spark, path, "\t", _ML_COLUMNS),
+        "movielens-latest-small": lambda: _read_csv(spark, path, ",", True).toDF(*_ML_COLUMNS),
+        "movielens-1m": lambda: _split_text(spark, path, "::", _ML_COLUMNS),
+        "sequence-lines": lambda: _split_text(spark, path, r"\s+", ["user_id", "item_id"]),
+    }
+    return readers[inp.format]()
+
+
+def event_roles(inp: InputConfig) -> dict[str, str]:
+    """Role -> input column name for every role this config uses."""
+    c = inp.columns
+    roles = {"user": c.user, "item": c.item}
+    if inp.timestamp_format != "order":
+        roles["timestamp"] = c.timestamp
+    if c.action:
+        roles["action"] = c.action
+    if c.rating:
+        roles["rating"] = c.rating
+    for name in c.context:
+        roles[f"ctx:{name}"] = name
+    return roles
+
+
+def role_column(role: str) -> str:
+    """Internal column name of a raw role (context roles `ctx:device` -> `raw_ctx_device`)."""
+    return "raw_" + role.replace(":", "_")
+
+
+def read_events(spark: SparkSession, inp: InputConfig) -> RawEvents:
+    """Raw events with `_row` and string columns `raw_<role>`; raises InputDataError when unusable."""
+    path = resolve_input(spark, inp.path, _EVENT_FILES.get(inp.format), "prepare.input.path")
+    df = _reader(spark, inp, path)
+    roles = event_roles(inp)
+    missing = [f"{role} column '{name}'" for role, name in roles.items() if name not in df.columns]
+    if missing:
+        raise InputDataError(f"{path}: missing {', '.join(missing)} (has {df.columns}); see prepare.input.columns")
+    cols = [F.col(f"`{name}`").cast("string").alias(role_column(role)) for role, name in roles.items()]
+    if CORRUPT in df.columns:
+        cols.append(F.col(CORRUPT))
+    return RawEvents(df=with_row_index(df.select(*cols)), names=roles, path=path)
+
+
+def with_row_index(df: DataFrame) -> DataFrame:
+    """Add `_row`: dense input position, files in path order then rows in file order.
+
+    Spark orders a scan's splits by size, so monotonically_increasing_id alone is not input order.
+    It is increasing within each split, though, and a split is identified by (file, block start): one
+    cheap pass counts rows per split; the second gives each split its offset in path order.
+    """
+    keyed = df.select(
+        "*",
+        F.col("_metadata.file_path").alias("_fp"),
+        F.col("_metadata.file_block_start").alias("_bs"),
+        F.spark_partition_id().alias("_pid"),
+        F.monotonically_increasing_id().alias("_mono"),
+    )
+    splits = (
+        keyed.groupBy("_fp", "_bs", "_pid").agg(F.min("_mono").alias("_first"), F.count("*").alias("_n")).collect()
+    )
+    offset, bases = 0, []
+    for s in sorted(splits, key=lambda r: (r["_fp"], r["_bs"])):
+        bases.append((s["_fp"], s["_bs"], s["_pid"], offset - s["_first"]))
+        offset += s["_n"]
+    base_df = df.sparkSession.createDataFrame(bases, "_fp string, _bs long, _pid int, _base long")
+    joined = keyed.join(F.broadcast(base_df), ["_fp", "_bs", "_pid"])
+    return joined.select(*df.columns, (F.col("_base") + F.col("_mono")).alias(ROW))
+
+
+# --------------------------------------------------------------------------------------------------
+# Item tables: item_id + feature columns (single: string, multi: array<string>)
+# --------------------------------------------------------------------------------------------------
+
+
+def _ml100k_items(spark: SparkSession, path: str) -> DataFrame:
+    genre_path = path.rsplit("/", 1)[0] + "/u.genre" if "/" in path else "u.genre"
+    if not path_exists(spark, genre_path):
+        raise InputDataError(f"{genre_path}: u.genre (genre names of the u.item flags) is missing")
+    pairs = [r.value.split("|") for r in spark.read.text(genre_path).collect() if r.value.strip()]
+    names = [name for name, _ in sorted(pairs, key=lambda p: int(p[1]))]
+    if len(names) != _ML100K_GENRE_FLAGS:
+        raise InputDataError(f"{genre_path}: expected {_ML100K_GENRE_FLAGS} genres, found {len(names)}")
+    fields = F.split(F.col("value"), r"\|")
+    flags = [F.when(fields.getItem(5 + i) == "1", F.lit(n)) for i, n in enumerate(names)]
+    genres = F.filter(F.array(*flags), lambda g: g.isNotNull())
+    return spark.read.text(path).select(fields.getItem(0).alias("item_id"), genres.alias("genres"))
+
+
+def _ml_latest_items(spark: SparkSession, path: str) -> DataFrame:
+    df = _read_csv(spark, path, ",", True)
+    return df.select(F.col("movieId").alias("item_id"), F.split("genres", r"\|").alias("genres"))
+
+
+def _ml1m_items(spark: SparkSession, path: str) -> DataFrame:
+    fields = F.split(F.col("value"), "::")
+    last = F.element_at(fields, -1)
+    return spark.read.text(path).select(fields.getItem(0).alias("item_id"), F.split(last, r"\|").alias("genres"))
+
+
+def _multi_values(col: Column, dtype: object, separator: str) -> Column:
+    """A multi-valued feature as array<string>: arrays pass through, strings are split."""
+    if isinstance(dtype, ArrayType):
+        return F.transform(col, lambda v: v.cast("string"))
+    pattern = "".join("\\" + ch if not ch.isalnum() else ch for ch in separator)
+    return F.filter(F.split(col.cast("string"), pattern), lambda v: v != "")
+
+
+def read_item_table(spark: SparkSession, inp: InputConfig) -> DataFrame | None:
+    """`item` (string) plus one column per configured side feature, or None without an item table."""
+    if not inp.item_features_path:
+        return None
+    fmt = inp.item_features_format
+    path = resolve_input(spark, inp.item_features_path, _ITEM_FILES.get(fmt), "prepare.input.item_features_path")
+    readers = {
+        "parquet": lambda: spark.read.parquet(path),
+        "csv": lambda: _read_csv(spark, path, inp.csv_delimiter, inp.csv_header),
+        "json": lambda: spark.read.option("primitivesAsString", "true").json(path),
+        "movielens-100k": lambda: _ml100k_items(spark, path),
+        "movielens-latest-small": lambda: _ml_latest_items(spark, path),
+        "movielens-1m": lambda: _ml1m_items(spark, path),
+    }
+    df = readers[fmt]()
+    wanted = [inp.item_key, *inp.item_single_features, *inp.item_multi_features]
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        raise InputDataError(f"{path}: item table has no column(s) {missing} (has {df.columns})")
+    dtypes = {f.name: f.dataType for f in df.schema.fields}
+    cols = [F.trim(F.col(inp.item_key).cast("string")).alias("item")]
+    cols += [F.trim(F.col(f).cast(StringType())).alias(f) for f in inp.item_single_features]
+    cols += [_multi_values(F.col(f), dtypes[f], inp.multi_value_separator).alias(f) for f in inp.item_multi_features]
+    return df.select(*cols)

@@ -1,0 +1,408 @@
+"""The sequence builder: raw events -> validated, filtered, per-user sequences -> Parquet shards.
+
+Two ways to run the same code:
+
+    seqrec prepare --config configs/movielens-100k.toml            # embedded local Spark
+    spark-submit spark_jobs/build_sequences.py --config X.toml [--set k=v ...]   # any master
+
+Stages (one log line each): read -> validate + quarantine -> deduplicate + row filters -> item/k-core
+filters -> order + split -> vocabularies + item features -> sequences -> shards -> manifest. The
+output is built in a hidden temporary folder next to `prepare.output`; `manifest.json` is written
+last and the folder is renamed into place only then (see storage.OutputDir). Counts add up exactly:
+events_in = kept + quarantined + duplicates + filtered (asserted before the manifest is written).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script (spark-submit): import the package, not sibling files
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import glob
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from seqrec.config import ConfigError, PrepareConfig, load_config, to_dict
+from seqrec.data import schema
+from spark_jobs import storage
+from spark_jobs.adapters import InputDataError, RawEvents, read_events, read_item_table
+from spark_jobs.filters import k_core, maybe_broadcast, min_item_events, rowwise_reason
+from spark_jobs.sequences import TRAIN, assign_split, group_sequences, split_rows
+from spark_jobs.session import configure, get_spark
+from spark_jobs.validate import (
+    QUARANTINE_REASONS,
+    REASON,
+    clean_events,
+    deduplicate,
+    event_columns,
+    parse_events,
+    quarantine_table,
+)
+from spark_jobs.vocab import ItemFeatures, Vocab, item_features, make_vocab, write_item_features, write_vocab
+from spark_jobs.write import write_splits
+
+log = logging.getLogger("spark_jobs.prepare")
+
+__all__ = ["InputDataError", "run_prepare", "main"]
+
+FILTER_REASONS = ("min_rating", "actions", "time_window", "min_item_events", "k_core", "min_user_events", "too_short", "time_split_unused")
+
+
+@dataclass(slots=True)
+class _Counts:
+    """The bookkeeping that must add up: events_in = kept + quarantined + duplicates + filtered."""
+
+    events_in: int = 0
+    quarantine: dict[str, int] = field(default_factory=lambda: dict.fromkeys(QUARANTINE_REASONS, 0))
+    duplicates: int = 0
+    filtered: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FILTER_REASONS, 0))
+    kept: int = 0
+
+    def check(self) -> None:
+        total = self.kept + sum(self.quarantine.values()) + self.duplicates + sum(self.filtered.values())
+        assert total == self.events_in, f"counts do not add up: {total} != events_in {self.events_in}: {self}"
+
+
+class _Cache:
+    """DataFrames this run persisted, released at the end (a caller's own cached data is left alone)."""
+
+    def __init__(self) -> None:
+        self.frames: list[DataFrame] = []
+
+    def __call__(self, df: DataFrame) -> DataFrame:
+        self.frames.append(df.persist())
+        return df
+
+    def release(self) -> None:
+        for df in self.frames:
+            df.unpersist()
+        self.frames.clear()
+
+
+class _Stages:
+    """Logs one line per stage with its duration."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.index, self.t = total, 0, time.perf_counter()
+
+    def done(self, name: str, detail: str) -> None:
+        self.index += 1
+        now = time.perf_counter()
+        log.info("prepare [%d/%d] %-18s %s (%.1f s)", self.index, self.total, name, detail, now - self.t)
+        self.t = now
+
+
+def _reason_counts(df: DataFrame) -> dict[str | None, int]:
+    return {r[REASON]: r["count"] for r in df.groupBy(REASON).count().collect()}
+
+
+def before_commit(tmp: str) -> None:
+    """Called after the manifest is written, before the rename (tests inject failures here)."""
+
+
+@dataclass(slots=True)
+class _Run:
+    """State of one run, passed to each stage."""
+
+    spark: SparkSession
+    cfg: PrepareConfig
+    tmp: str
+    counts: _Counts = field(default_factory=_Counts)
+    stages: _Stages = field(default_factory=lambda: _Stages(total=9))
+    cache: _Cache = field(default_factory=_Cache)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------
+
+
+def _validate(run: _Run) -> tuple[DataFrame, RawEvents, int]:
+    cfg, counts, st = run.cfg, run.counts, run.stages
+    raw = read_events(run.spark, cfg.input)
+    st.done("read", f"{raw.path} ({cfg.input.format})")
+    parsed = run.cache(parse_events(raw, cfg.input))
+    by_reason = _reason_counts(parsed)
+    counts.events_in = sum(by_reason.values())
+    counts.quarantine.update({r: c for r, c in by_reason.items() if r is not None})
+    quarantine_table(parsed, raw).write.mode("overwrite").parquet(schema.join(run.tmp, schema.QUARANTINE_DIR))
+    st.done("validate", f"{counts.events_in:,} events, quarantined {_nonzero(counts.quarantine)}")
+    good = by_reason.get(None, 0)
+    deduped = run.cache(rowwise_reason(deduplicate(clean_events(parsed, raw), cfg.shuffle_partitions), cfg.filters))
+    by_filter = _reason_counts(deduped)
+    parsed.unpersist()
+    counts.duplicates = good - sum(by_filter.values())
+    counts.filtered.update({r: c for r, c in by_filter.items() if r is not None})
+    st.done("deduplicate", f"{counts.duplicates:,} duplicates; row filters: {_nonzero(by_filter)}")
+    return deduped, raw, by_filter.get(None, 0)
+
+
+def _filter(run: _Run, deduped: DataFrame, n: int) -> DataFrame:
+    f, filtered = run.cfg.filters, run.counts.filtered
+    events = deduped.filter(F.col(REASON).isNull()).drop(REASON)
+    if f.min_item_events > 1:
+        events = run.cache(min_item_events(events, f.min_item_events))
+        m = events.count()
+        filtered["min_item_events"], n = n - m, m
+    if f.k_core > 0:
+        events, m, rounds = k_core(events, f.k_core, n, run.cache)
+        filtered["k_core"], n = n - m, m
+    run.stages.done("filter", f"min_item_events {filtered['min_item_events']:,}, k_core {filtered['k_core']:,}")
+    return events
+
+
+def _split(run: _Run, events: DataFrame) -> DataFrame:
+    ev = run.cache(assign_split(events, run.cfg.split, run.cfg.filters))
+    by_reason = _reason_counts(ev)
+    run.counts.kept = by_reason.pop(None, 0)
+    run.counts.filtered.update(by_reason)
+    run.stages.done("order + split", f"{run.counts.kept:,} events kept; {_nonzero(by_reason)}")
+    return ev.filter(F.col(REASON).isNull())
+
+
+def _feature_counts(kept: DataFrame, features: dict[str, str]) -> tuple[dict[str, dict], dict[str, int]]:
+    """{feature: {value: count}} over kept events, and train-part counts per item value (one job)."""
+    pairs = [F.struct(F.lit(name).alias("f"), F.col(col).alias("v")) for name, col in features.items()]
+    exploded = kept.select(F.col(TRAIN), F.explode(F.array(*pairs)).alias("p"))
+    agg = exploded.groupBy("p.f", "p.v").agg(F.count(F.lit(1)).alias("c"), F.sum(F.col(TRAIN).cast("long")).alias("t"))
+    counts: dict[str, dict] = {name: {} for name in features}
+    train: dict[str, int] = {}
+    for r in agg.collect():
+        counts[r["f"]][r["v"]] = r["c"]
+        if r["f"] == "item":
+            train[r["v"]] = r["t"]
+    return counts, train
+
+
+def _lookup(spark: SparkSession, vocab: Vocab) -> DataFrame:
+    frame = spark.createDataFrame(vocab.lookup_frame(), "value string, id int")
+    return maybe_broadcast(frame, len(vocab.values))
+
+
+def _map_ids(spark: SparkSession, kept: DataFrame, vocabs: dict[str, Vocab], features: dict[str, str]) -> DataFrame:
+    """Replace each categorical column by its id (`item` -> `item_id`, others by feature name)."""
+    out = kept
+    for name, col in features.items():
+        target = "item_id" if name == "item" else name
+        lookup = _lookup(spark, vocabs[name]).withColumnRenamed("value", "_v").withColumnRenamed("id", "_id")
+        out = out.join(lookup, out[col] == lookup["_v"], "left")
+        out = out.withColumn(target, F.coalesce(F.col("_id"), F.lit(schema.UNK_ID))).drop("_v", "_id")
+        if col != target:
+            out = out.drop(col)
+    return out
+
+
+def _features_section(vocabs: dict[str, Vocab], side: ItemFeatures) -> dict[str, dict]:
+    section = {"item": {"kind": schema.KIND_ITEM, "num_embeddings": vocabs["item"].num_embeddings}}
+    for name, vocab in side.vocabs.items():
+        multi = name in side.max_values
+        section[name] = {"kind": schema.KIND_ITEM_MULTI if multi else schema.KIND_ITEM_SINGLE, "num_embeddings": vocab.num_embeddings}
+        if multi:
+            section[name]["max_values"] = side.max_values[name]
+    for name, vocab in vocabs.items():
+        if name != "item":
+            section[name] = {"kind": schema.KIND_EVENT, "num_embeddings": vocab.num_embeddings}
+    return section
+
+
+def _vocabularies(run: _Run, kept: DataFrame, features: dict[str, str]) -> tuple[dict[str, Vocab], dict[str, dict], int]:
+    cfg, inp = run.cfg, run.cfg.input
+    counts, train = _feature_counts(kept, features)
+    vocabs = {name: make_vocab(name, counts[name], cfg.vocab_min_count, cfg.reuse_vocab) for name in features}
+    items_df = read_item_table(run.spark, inp)
+    rows = None
+    if items_df is not None:
+        known = _lookup(run.spark, vocabs["item"]).select(F.col("value").alias("item"))
+        rows = items_df.join(known, "item", "left_semi").toPandas()
+    side = item_features(
+        vocabs["item"], train, rows, inp.item_single_features, inp.item_multi_features,
+        inp.max_values_per_item, cfg.vocab_min_count, cfg.reuse_vocab,
+    )
+    write_item_features(side.table, run.tmp)
+    for vocab in [*vocabs.values(), *side.vocabs.values()]:
+        write_vocab(vocab, run.tmp)
+    section = _features_section(vocabs, side)
+    run.stages.done("vocabularies", ", ".join(f"{n} {f['num_embeddings']:,}" for n, f in section.items()))
+    return vocabs, section, len(counts["item"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+
+
+def _event_features(raw: RawEvents) -> dict[str, str]:
+    """Feature name -> clean column: item, action, each context column (`ctx_<name>`)."""
+    return {"item": "item", **{c.removeprefix("ctx_"): c for c in event_columns(raw)}}
+
+
+def _manifest(run: _Run, raw: RawEvents, features: dict, splits: dict, users: int, items: int, t0: float) -> dict[str, Any]:
+    c, cfg = run.counts, run.cfg
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "dataset": cfg.dataset_name,
+        "source": {"path": raw.path, "format": cfg.input.format, "item_features_path": cfg.input.item_features_path},
+        "config": to_dict(cfg),
+        "max_len": cfg.split.max_len,
+        "split_kind": cfg.split.kind,
+        "features": features,
+        "vocab": {name: f"{schema.VOCAB_DIR}/{name}.parquet" for name in features},
+        "item_features": schema.ITEM_FEATURES_FILE,
+        "splits": splits,
+        "stats": {
+            "events_in": c.events_in,
+            "kept": c.kept,
+            "quarantined": sum(c.quarantine.values()),
+            "duplicates": c.duplicates,
+            "filtered": sum(c.filtered.values()),
+            "users": users,
+            "items": items,
+        },
+        "quarantine": c.quarantine,
+        "filtered": c.filtered,
+        "spark_version": run.spark.version,
+        "elapsed_s": round(time.time() - t0, 3),
+    }
+
+
+def _build(run: _Run, t0: float) -> dict[str, Any]:
+    deduped, raw, num_left = _validate(run)
+    kept = _split(run, _filter(run, deduped, num_left))
+    run.counts.check()
+    features = _event_features(raw)
+    vocabs, section, num_items = _vocabularies(run, kept, features)
+    event_feats = [n for n in features if n != "item"]
+    seqs = run.cache(group_sequences(_map_ids(run.spark, kept, vocabs, features), event_feats))
+    num_users = seqs.count()
+    run.stages.done("sequences", f"{num_users:,} users")
+    splits = write_splits(split_rows(seqs, run.cfg.split, event_feats), run.cfg.shards, run.tmp, event_feats)
+    run.cache.release()
+    run.stages.done("shards", "; ".join(f"{n} {s['rows']:,} rows in {len(s['files'])} files" for n, s in splits.items()))
+    manifest = _manifest(run, raw, section, splits, num_users, num_items, t0)
+    storage.write_bytes(schema.join(run.tmp, schema.MANIFEST_FILE), (json.dumps(manifest, indent=2) + "\n").encode())
+    run.stages.done("manifest", "written")
+    return manifest
+
+
+def preflight(cfg: PrepareConfig) -> None:
+    """Fail fast, before starting Spark, when a local input path does not exist."""
+    for key, path in (("prepare.input.path", cfg.input.path), ("prepare.input.item_features_path", cfg.input.item_features_path)):
+        if path and "://" not in path and not glob.glob(path):
+            raise InputDataError(f"{key} path {path} does not exist")
+
+
+def run_prepare(cfg: PrepareConfig, spark: SparkSession | None = None) -> dict[str, Any]:
+    """Build the shard folder `cfg.output` and return the manifest (also printed as a table).
+
+    With `spark=None` an embedded session is started from `cfg.spark_master` and stopped at the end.
+    Raises InputDataError (a ValueError) for unusable input: missing path or column.
+    """
+    t0 = time.time()
+    preflight(cfg)
+    own = spark is None
+    if spark is None:
+        spark = get_spark(cfg.spark_master, cfg.spark_driver_memory, cfg.shuffle_partitions, "seqrec-prepare")
+    configure(spark, cfg.shuffle_partitions)
+    out = storage.OutputDir(spark, cfg.output)
+    run = _Run(spark, cfg, out.tmp)
+    try:
+        manifest = _build(run, t0)
+        before_commit(out.tmp)
+        out.commit()
+    except BaseException:
+        out.discard()
+        raise
+    finally:
+        run.cache.release()
+        if own:
+            spark.stop()
+    print(format_summary(manifest, out.output))
+    return {**manifest, "output": out.output}
+
+
+def _nonzero(by_reason: dict) -> str:
+    parts = [f"{r} {c:,}" for r, c in by_reason.items() if r is not None and c]
+    return ", ".join(parts) or "none"
+
+
+def format_summary(m: dict[str, Any], output: str) -> str:
+    """The table that ends a run."""
+    s = m["stats"]
+    lines = [
+        f"seqrec prepare: {m['dataset']} -> {output} ({m['elapsed_s']:.1f} s, Spark {m['spark_version']})",
+        f"  {'events in':<14}{s['events_in']:>14,}",
+        f"  {'kept':<14}{s['kept']:>14,}",
+        f"  {'quarantined':<14}{s['quarantined']:>14,}  {_nonzero(m['quarantine'])}",
+        f"  {'duplicates':<14}{s['duplicates']:>14,}",
+        f"  {'filtered':<14}{s['filtered']:>14,}  {_nonzero(m['filtered'])}",
+        f"  {'users':<14}{s['users']:>14,}",
+        f"  {'items':<14}{s['items']:>14,}",
+        f"  {'split':<14}{'rows':>14}{'tokens':>14}{'files':>7}{'row groups':>12}",
+    ]
+    for name, sp in m["splits"].items():
+        groups = sum(f["row_groups"] for f in sp["files"])
+        lines.append(f"  {name:<14}{sp['rows']:>14,}{sp['tokens']:>14,}{len(sp['files']):>7}{groups:>12}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# spark-submit entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def ship_code(spark: SparkSession) -> None:
+    """On a cluster master, send the seqrec and spark_jobs packages to the executors (mapInArrow)."""
+    import shutil
+    import tempfile
+
+    import seqrec
+    import spark_jobs
+
+    master = spark.sparkContext.master
+    if master.startswith("local"):
+        return
+    folder = Path(tempfile.mkdtemp(prefix="seqrec-code-"))
+    for pkg in (seqrec, spark_jobs):
+        src = Path(pkg.__file__).parent
+        shutil.copytree(src, folder / "code" / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    archive = shutil.make_archive(str(folder / "seqrec-code"), "zip", folder / "code")
+    spark.sparkContext.addPyFile(archive)
+    log.info("shipped %s to the executors of %s", archive, master)
+
+
+def main(argv: list[str] | None = None, session_factory: Callable[[], SparkSession] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="build_sequences.py", description="Build sequence shards (spark-submit entry point).")
+    parser.add_argument("--config", "-c", help="TOML run config (its [prepare] section is used)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg.prepare)
+        spark = (session_factory or SparkSession.builder.appName("seqrec-prepare").getOrCreate)()
+        spark.sparkContext.setLogLevel("ERROR")
+        ship_code(spark)
+        try:
+            run_prepare(cfg.prepare, spark)
+        finally:
+            if session_factory is None:
+                spark.stop()
+    except (ConfigError, InputDataError) as e:
+        print(f"build_sequences: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
