@@ -73,8 +73,8 @@ def equivalence_worker(data: str, run_dir: str, zero_stage: int, micro: int, ste
     World 2: rank r takes rows [r*micro, (r+1)*micro) of each global batch, no accumulation.
     World 1: the same two halves one after the other with gradient accumulation 2.
     """
-    from seqrec.engine import build_engine, init_distributed
     from seqrec.data.schema import read_manifest
+    from seqrec.engine import build_engine, init_distributed
     from seqrec.model import DataSpec, SeqRecModel
 
     world = int(os.environ["WORLD_SIZE"])
@@ -117,8 +117,8 @@ def equivalence_all_stages(data: str, run_dir: str, stages: list[int], micro: in
 
 def zero3_partition_worker(data: str, run_dir: str) -> dict[str, int]:
     """Build the engine under ZeRO-3 and report how much of the fused table this rank holds."""
-    from seqrec.engine import build_engine, init_distributed
     from seqrec.data.schema import read_manifest
+    from seqrec.engine import build_engine, init_distributed
     from seqrec.model import DataSpec, SeqRecModel
 
     cfg = tiny_config(data, run_dir, **{"dist.zero_stage": 3, "train.micro_batch_size": 4, "train.global_batch_size": 8})
