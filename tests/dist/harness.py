@@ -19,7 +19,10 @@ from seqrec.engine import free_port
 def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:
     """Run fn(*args) on `nproc` processes; return {rank: return value}. Raises if any rank fails."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
