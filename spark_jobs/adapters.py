@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import reduce
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, StringType
+from pyspark.sql.types import ArrayType, StringType, StructType
 
 from seqrec.config import InputConfig
 
@@ -50,6 +51,8 @@ _EVENT_FILES = {
 _ITEM_FILES = {"movielens-100k": "u.item", "movielens-latest-small": "movies.csv", "movielens-1m": "movies.dat"}
 _ML100K_GENRE_FLAGS = 19  # u.item: id|title|release|video release|url|19 genre flags
 _ML_COLUMNS = ["user_id", "item_id", "rating", "ts"]
+MAX_UNION_FILES = 256
+"""Inputs with more files take the slower per-row file-name path to their input order."""
 
 
 class InputDataError(ValueError):
@@ -115,16 +118,19 @@ def _split_text(spark: SparkSession, path: str, pattern: str, names: list[str]) 
     return spark.read.text(path).select(*[parts.getItem(i).alias(n) for i, n in enumerate(names)])
 
 
-def _read_csv(spark: SparkSession, path: str, sep: str, header: bool) -> DataFrame:
+def _read_csv(spark: SparkSession, path: str, sep: str, header: bool, schema: StructType | None = None) -> DataFrame:
     # escape='"' reads RFC 4180 quoting ("a ""b"", c"); every column stays a string.
-    return spark.read.options(sep=sep, header=str(header).lower(), quote='"', escape='"').csv(path)
+    reader = spark.read.options(sep=sep, header=str(header).lower(), quote='"', escape='"')
+    return (reader.schema(schema) if schema else reader).csv(path)
 
 
-def _reader(spark: SparkSession, inp: InputConfig, path: str) -> DataFrame:
+def _reader(spark: SparkSession, inp: InputConfig, path: str, schema: StructType | None = None) -> DataFrame:
+    """Read `path` in the input format; `schema` pins the generic formats' schema (per-file reads)."""
+    pinned = spark.read.schema(schema) if schema else spark.read
     readers = {
-        "parquet": lambda: spark.read.parquet(path),
-        "csv": lambda: _read_csv(spark, path, inp.csv_delimiter, inp.csv_header),
-        "json": lambda: spark.read.option("primitivesAsString", "true").json(path),
+        "parquet": lambda: pinned.parquet(path),
+        "csv": lambda: _read_csv(spark, path, inp.csv_delimiter, inp.csv_header, schema),
+        "json": lambda: pinned.option("primitivesAsString", "true").json(path),
         "movielens-100k": lambda: _split_text(spark, path, "\t", _ML_COLUMNS),
         "movielens-latest-small": lambda: _read_csv(spark, path, ",", True).toDF(*_ML_COLUMNS),
         "movielens-1m": lambda: _split_text(spark, path, "::", _ML_COLUMNS),
@@ -154,25 +160,64 @@ def role_column(role: str) -> str:
 
 
 def read_events(spark: SparkSession, inp: InputConfig) -> RawEvents:
-    """Raw events with `_row` and string columns `raw_<role>`; raises InputDataError when unusable."""
+    """Raw events with `_row` and one column `raw_<role>` per role, in the input's own types.
+
+    Raises InputDataError when the path or a configured column is missing.
+    """
     path = resolve_input(spark, inp.path, _EVENT_FILES.get(inp.format), "prepare.input.path")
     df = _reader(spark, inp, path)
     roles = event_roles(inp)
     missing = [f"{role} column '{name}'" for role, name in roles.items() if name not in df.columns]
     if missing:
         raise InputDataError(f"{path}: missing {', '.join(missing)} (has {df.columns}); see prepare.input.columns")
-    cols = [F.col(f"`{name}`").cast("string").alias(role_column(role)) for role, name in roles.items()]
+    cols = [F.col(f"`{name}`").alias(role_column(role)) for role, name in roles.items()]
     if CORRUPT in df.columns:
         cols.append(F.col(CORRUPT))
-    return RawEvents(df=with_row_index(df.select(*cols)), names=roles, path=path)
+    ordered = _in_input_order(spark, inp, path, df)
+    indexed = with_dense_row_index(ordered) if ordered is not None else with_row_index(df)
+    return RawEvents(df=indexed.select(*cols, ROW), names=roles, path=path)
+
+
+def _in_input_order(spark: SparkSession, inp: InputConfig, path: str, df: DataFrame) -> DataFrame | None:
+    """The input as a DataFrame whose partitions follow input order, or None when that is too costly.
+
+    One file is read in byte order already. Several files become a union of per-file reads (a union's
+    partitions follow its children), unless there are very many or Hive-style partition folders
+    (`key=value`, whose columns a per-file read would lose).
+    """
+    files = sorted(df.inputFiles())
+    if len(files) <= 1:
+        return df
+    root = path.rstrip("/")
+    if len(files) > MAX_UNION_FILES or any("=" in f.split(root, 1)[-1].rsplit("/", 1)[0] for f in files):
+        return None
+    parts = [_reader(spark, inp, f, df.schema if inp.format in ("parquet", "csv", "json") else None) for f in files]
+    return reduce(DataFrame.unionByName, parts)
+
+
+def with_dense_row_index(df: DataFrame) -> DataFrame:
+    """Add `_row` = input position, for a DataFrame whose partitions are in input order.
+
+    monotonically_increasing_id is (partition << 33) + row within the partition; one cheap pass (no
+    columns read) counts rows per partition to turn it into a dense 0..N-1.
+    """
+    pid = F.spark_partition_id()
+    counts = dict(df.select(pid.alias("p")).groupBy("p").count().collect())
+    offsets, total = [], 0
+    for p in range(df.rdd.getNumPartitions()):
+        offsets.append(total)
+        total += counts.get(p, 0)
+    base = F.expr(f"element_at(array({', '.join(f'{o}L' for o in offsets)}), spark_partition_id() + 1)")
+    return df.select("*", (base + F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))).alias(ROW))
 
 
 def with_row_index(df: DataFrame) -> DataFrame:
-    """Add `_row`: dense input position, files in path order then rows in file order.
+    """Add `_row` for any input (many files): files in path order, then rows in file order.
 
     Spark orders a scan's splits by size, so monotonically_increasing_id alone is not input order.
     It is increasing within each split, though, and a split is identified by (file, block start): one
-    cheap pass counts rows per split; the second gives each split its offset in path order.
+    pass counts rows per split; a broadcast join gives each split its offset in path order. Slower
+    than `with_dense_row_index` (per-row file names), used only where a union of files is not.
     """
     keyed = df.select(
         "*",
@@ -181,9 +226,7 @@ def with_row_index(df: DataFrame) -> DataFrame:
         F.spark_partition_id().alias("_pid"),
         F.monotonically_increasing_id().alias("_mono"),
     )
-    splits = (
-        keyed.groupBy("_fp", "_bs", "_pid").agg(F.min("_mono").alias("_first"), F.count("*").alias("_n")).collect()
-    )
+    splits = keyed.groupBy("_fp", "_bs", "_pid").agg(F.min("_mono").alias("_first"), F.count("*").alias("_n")).collect()
     offset, bases = 0, []
     for s in sorted(splits, key=lambda r: (r["_fp"], r["_bs"])):
         bases.append((s["_fp"], s["_bs"], s["_pid"], offset - s["_first"]))

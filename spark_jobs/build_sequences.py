@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
 from seqrec.config import ConfigError, PrepareConfig, load_config, to_dict
@@ -37,8 +37,11 @@ from seqrec.data import schema
 from spark_jobs import storage
 from spark_jobs.adapters import InputDataError, RawEvents, read_events, read_item_table
 from spark_jobs.filters import k_core, maybe_broadcast, min_item_events, rowwise_reason
-from spark_jobs.sequences import TRAIN, assign_split, group_sequences, split_rows
+from spark_jobs.rows import SPLITS as SPLIT_NAMES
+from spark_jobs.rows import USER_REASONS, RowParams
 from spark_jobs.session import configure, get_spark
+from spark_jobs.shard_writer import WriteSpec
+from spark_jobs.tasks import Columns
 from spark_jobs.validate import (
     QUARANTINE_REASONS,
     REASON,
@@ -49,13 +52,14 @@ from spark_jobs.validate import (
     quarantine_table,
 )
 from spark_jobs.vocab import ItemFeatures, Vocab, item_features, make_vocab, write_item_features, write_vocab
-from spark_jobs.write import write_splits
+from spark_jobs.write import assign_buckets, bucket, collect_stats, plan_files, sort_by_user, write_splits
 
 log = logging.getLogger("spark_jobs.prepare")
 
 __all__ = ["InputDataError", "run_prepare", "main"]
 
-FILTER_REASONS = ("min_rating", "actions", "time_window", "min_item_events", "k_core", "min_user_events", "too_short", "time_split_unused")
+ROW_FILTERS = ("min_rating", "actions", "time_window")
+FILTER_REASONS = (*ROW_FILTERS, "min_item_events", "k_core", "min_user_events", "too_short", "time_split_unused")
 
 
 @dataclass(slots=True)
@@ -118,7 +122,7 @@ class _Run:
     cfg: PrepareConfig
     tmp: str
     counts: _Counts = field(default_factory=_Counts)
-    stages: _Stages = field(default_factory=lambda: _Stages(total=9))
+    stages: _Stages = field(default_factory=lambda: _Stages(total=8))
     cache: _Cache = field(default_factory=_Cache)
 
 
@@ -127,79 +131,69 @@ class _Run:
 # --------------------------------------------------------------------------------------------------
 
 
-def _validate(run: _Run) -> tuple[DataFrame, RawEvents, int]:
+def _validate(run: _Run) -> tuple[DataFrame, RawEvents, dict[int, int]]:
+    """Validate: one job counts rows per (reason, user bucket); the quarantine table is written by a
+    second job only when there is something to quarantine. Returns good events per user bucket."""
     cfg, counts, st = run.cfg, run.counts, run.stages
     raw = read_events(run.spark, cfg.input)
     st.done("read", f"{raw.path} ({cfg.input.format})")
-    parsed = run.cache(parse_events(raw, cfg.input))
-    by_reason = _reason_counts(parsed)
-    counts.events_in = sum(by_reason.values())
-    counts.quarantine.update({r: c for r, c in by_reason.items() if r is not None})
-    quarantine_table(parsed, raw).write.mode("overwrite").parquet(schema.join(run.tmp, schema.QUARANTINE_DIR))
-    st.done("validate", f"{counts.events_in:,} events, quarantined {_nonzero(counts.quarantine)}")
-    good = by_reason.get(None, 0)
-    deduped = run.cache(rowwise_reason(deduplicate(clean_events(parsed, raw), cfg.shuffle_partitions), cfg.filters))
-    by_filter = _reason_counts(deduped)
-    parsed.unpersist()
-    counts.duplicates = good - sum(by_filter.values())
-    counts.filtered.update({r: c for r, c in by_filter.items() if r is not None})
-    st.done("deduplicate", f"{counts.duplicates:,} duplicates; row filters: {_nonzero(by_filter)}")
-    return deduped, raw, by_filter.get(None, 0)
+    parsed = parse_events(raw, cfg.input)
+    rows = parsed.groupBy(REASON, bucket(F.col("user")).alias("b")).count().collect()
+    counts.events_in = sum(r["count"] for r in rows)
+    for r in rows:
+        if r[REASON] is not None:
+            counts.quarantine[r[REASON]] += r["count"]
+    table = quarantine_table(parsed, raw)
+    if not sum(counts.quarantine.values()):
+        table = run.spark.createDataFrame([], table.schema)  # an empty table with the same columns
+    table.write.mode("overwrite").parquet(schema.join(run.tmp, schema.QUARANTINE_DIR))
+    st.done("validate", f"{counts.events_in:,} events; quarantined: {_nonzero(counts.quarantine)}")
+    return parsed, raw, {r["b"]: r["count"] for r in rows if r[REASON] is None}
 
 
-def _filter(run: _Run, deduped: DataFrame, n: int) -> DataFrame:
-    f, filtered = run.cfg.filters, run.counts.filtered
-    events = deduped.filter(F.col(REASON).isNull()).drop(REASON)
-    if f.min_item_events > 1:
-        events = run.cache(min_item_events(events, f.min_item_events))
-        m = events.count()
-        filtered["min_item_events"], n = n - m, m
-    if f.k_core > 0:
-        events, m, rounds = k_core(events, f.k_core, n, run.cache)
-        filtered["k_core"], n = n - m, m
-    run.stages.done("filter", f"min_item_events {filtered['min_item_events']:,}, k_core {filtered['k_core']:,}")
-    return events
+def _filter(run: _Run, parsed: DataFrame, raw: RawEvents) -> tuple[DataFrame, Observation]:
+    """Row filters (their counts are observed by the first job that reads the result), then, only
+    when count filters are on, exact duplicates and min_item_events / k-core in Spark (cached)."""
+    f, c = run.cfg.filters, run.counts
+    flagged = rowwise_reason(clean_events(parsed, raw), f)
+    seen = Observation("row filters")
+    metrics = [F.sum(F.when(F.col(REASON) == r, 1).otherwise(0)).alias(r) for r in ROW_FILTERS]
+    events = flagged.observe(seen, *metrics).filter(F.col(REASON).isNull()).drop(REASON)
+    if f.min_item_events > 1 or f.k_core > 0:
+        # Item counts must not count duplicates: deduplicate here (the per-user pass then finds none).
+        events = run.cache(deduplicate(events, run.cfg.shuffle_partitions))
+        n = events.count()
+        c.filtered.update({r: seen.get[r] for r in ROW_FILTERS})
+        c.duplicates = c.events_in - sum(c.quarantine.values()) - sum(c.filtered.values()) - n
+        if f.min_item_events > 1:
+            events = run.cache(min_item_events(events, f.min_item_events))
+            m = events.count()
+            c.filtered["min_item_events"], n = n - m, m
+        if f.k_core > 0:
+            events, m, _ = k_core(events, f.k_core, n, run.cache)
+            c.filtered["k_core"], n = n - m, m
+    run.stages.done("filter", f"min_item_events {c.filtered['min_item_events']:,}, k_core {c.filtered['k_core']:,}")
+    return events, seen
 
 
-def _split(run: _Run, events: DataFrame) -> DataFrame:
-    ev = run.cache(assign_split(events, run.cfg.split, run.cfg.filters))
-    by_reason = _reason_counts(ev)
-    run.counts.kept = by_reason.pop(None, 0)
-    run.counts.filtered.update(by_reason)
-    run.stages.done("order + split", f"{run.counts.kept:,} events kept; {_nonzero(by_reason)}")
-    return ev.filter(F.col(REASON).isNull())
-
-
-def _feature_counts(kept: DataFrame, features: dict[str, str]) -> tuple[dict[str, dict], dict[str, int]]:
-    """{feature: {value: count}} over kept events, and train-part counts per item value (one job)."""
-    pairs = [F.struct(F.lit(name).alias("f"), F.col(col).alias("v")) for name, col in features.items()]
-    exploded = kept.select(F.col(TRAIN), F.explode(F.array(*pairs)).alias("p"))
-    agg = exploded.groupBy("p.f", "p.v").agg(F.count(F.lit(1)).alias("c"), F.sum(F.col(TRAIN).cast("long")).alias("t"))
-    counts: dict[str, dict] = {name: {} for name in features}
-    train: dict[str, int] = {}
-    for r in agg.collect():
-        counts[r["f"]][r["v"]] = r["c"]
-        if r["f"] == "item":
-            train[r["v"]] = r["t"]
-    return counts, train
+def _per_user(run: _Run, events: DataFrame, seen: Observation, columns: Columns, bucket_events: dict[int, int]) -> tuple[DataFrame, dict, dict]:
+    """Sort by user into `files_per_split` balanced partitions (cached); run the stats pass over them."""
+    cfg, c = run.cfg, run.counts
+    by_user = run.cache(sort_by_user(events, assign_buckets(bucket_events, cfg.shards.files_per_split)))
+    per_partition, values = collect_stats(by_user, columns, row_params(cfg))  # builds the cache
+    if not (cfg.filters.min_item_events > 1 or cfg.filters.k_core > 0):
+        c.filtered.update({r: seen.get[r] for r in ROW_FILTERS})
+    total = {k: sum(p.get(k, 0) for p in per_partition.values()) for k in ("events", "duplicates", "kept", "users", *USER_REASONS)}
+    c.duplicates += total["duplicates"]
+    c.kept = total["kept"]
+    c.filtered.update({r: total[r] for r in USER_REASONS})
+    run.stages.done("order + split", f"{c.kept:,} events kept; {c.duplicates:,} duplicates; filtered: {_nonzero(c.filtered)}")
+    return by_user, per_partition, {**values, "_users": total["users"]}
 
 
 def _lookup(spark: SparkSession, vocab: Vocab) -> DataFrame:
     frame = spark.createDataFrame(vocab.lookup_frame(), "value string, id int")
     return maybe_broadcast(frame, len(vocab.values))
-
-
-def _map_ids(spark: SparkSession, kept: DataFrame, vocabs: dict[str, Vocab], features: dict[str, str]) -> DataFrame:
-    """Replace each categorical column by its id (`item` -> `item_id`, others by feature name)."""
-    out = kept
-    for name, col in features.items():
-        target = "item_id" if name == "item" else name
-        lookup = _lookup(spark, vocabs[name]).withColumnRenamed("value", "_v").withColumnRenamed("id", "_id")
-        out = out.join(lookup, out[col] == lookup["_v"], "left")
-        out = out.withColumn(target, F.coalesce(F.col("_id"), F.lit(schema.UNK_ID))).drop("_v", "_id")
-        if col != target:
-            out = out.drop(col)
-    return out
 
 
 def _features_section(vocabs: dict[str, Vocab], side: ItemFeatures) -> dict[str, dict]:
@@ -215,10 +209,12 @@ def _features_section(vocabs: dict[str, Vocab], side: ItemFeatures) -> dict[str,
     return section
 
 
-def _vocabularies(run: _Run, kept: DataFrame, features: dict[str, str]) -> tuple[dict[str, Vocab], dict[str, dict], int]:
+def _vocabularies(run: _Run, values: dict[str, dict]) -> tuple[dict[str, Vocab], dict[str, dict]]:
+    """Vocabularies from the kept values' counts, the item feature table; all written to the output."""
     cfg, inp = run.cfg, run.cfg.input
-    counts, train = _feature_counts(kept, features)
-    vocabs = {name: make_vocab(name, counts[name], cfg.vocab_min_count, cfg.reuse_vocab) for name in features}
+    features = [f for f in values if not f.startswith("_")]
+    vocabs = {f: make_vocab(f, {v: c for v, (c, _) in values[f].items()}, cfg.vocab_min_count, cfg.reuse_vocab) for f in features}
+    train = {v: t for v, (_, t) in values["item"].items()}
     items_df = read_item_table(run.spark, inp)
     rows = None
     if items_df is not None:
@@ -233,7 +229,7 @@ def _vocabularies(run: _Run, kept: DataFrame, features: dict[str, str]) -> tuple
         write_vocab(vocab, run.tmp)
     section = _features_section(vocabs, side)
     run.stages.done("vocabularies", ", ".join(f"{n} {f['num_embeddings']:,}" for n, f in section.items()))
-    return vocabs, section, len(counts["item"])
+    return vocabs, section
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,22 +272,33 @@ def _manifest(run: _Run, raw: RawEvents, features: dict, splits: dict, users: in
 
 
 def _build(run: _Run, t0: float) -> dict[str, Any]:
-    deduped, raw, num_left = _validate(run)
-    kept = _split(run, _filter(run, deduped, num_left))
-    run.counts.check()
+    cfg = run.cfg
+    parsed, raw, bucket_events = _validate(run)
     features = _event_features(raw)
-    vocabs, section, num_items = _vocabularies(run, kept, features)
-    event_feats = [n for n in features if n != "item"]
-    seqs = run.cache(group_sequences(_map_ids(run.spark, kept, vocabs, features), event_feats))
-    num_users = seqs.count()
-    run.stages.done("sequences", f"{num_users:,} users")
-    splits = write_splits(split_rows(seqs, run.cfg.split, event_feats), run.cfg.shards, run.tmp, event_feats)
+    columns = Columns(features=features, numeric_keys=["rating"] if "rating" in raw.names else [])
+    by_user, per_partition, values = _per_user(run, *_filter(run, parsed, raw), columns, bucket_events)
+    run.counts.check()
+    vocabs, section = _vocabularies(run, values)
+    rows = {p: {s: stats[f"rows_{s}"] for s in SPLIT_NAMES} for p, stats in per_partition.items()}
+    plans, files = plan_files(rows, cfg.shards)
+    num_users, num_items = values["_users"], len(values["item"])
+    run.stages.done("plan", f"{num_users:,} users; rows " + ", ".join(f"{s} {sum(r[s] for r in rows.values()):,}" for s in SPLIT_NAMES))
+    spec = WriteSpec(root=run.tmp, params=row_params(cfg), columns=columns, plans=plans, files=files)
+    splits = write_splits(by_user, spec)
     run.cache.release()
-    run.stages.done("shards", "; ".join(f"{n} {s['rows']:,} rows in {len(s['files'])} files" for n, s in splits.items()))
+    run.stages.done("shards", "; ".join(f"{n} {len(s['files'])} files, {sum(f['row_groups'] for f in s['files'])} row groups" for n, s in splits.items()))
     manifest = _manifest(run, raw, section, splits, num_users, num_items, t0)
     storage.write_bytes(schema.join(run.tmp, schema.MANIFEST_FILE), (json.dumps(manifest, indent=2) + "\n").encode())
     run.stages.done("manifest", "written")
     return manifest
+
+
+def row_params(cfg: PrepareConfig) -> RowParams:
+    sp = cfg.split
+    return RowParams(
+        kind=sp.kind, max_len=sp.max_len, sliding_window=sp.sliding_window, stride=sp.window_stride or sp.max_len,
+        min_user_events=cfg.filters.min_user_events, valid_time=sp.valid_time or 0, test_time=sp.test_time or 0,
+    )
 
 
 def preflight(cfg: PrepareConfig) -> None:
@@ -386,11 +393,12 @@ def main(argv: list[str] | None = None, session_factory: Callable[[], SparkSessi
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
     try:
         cfg = load_config(args.config, args.overrides)
         preflight(cfg.prepare)
-        spark = (session_factory or SparkSession.builder.appName("seqrec-prepare").getOrCreate)()
+        builder = SparkSession.builder.appName("seqrec-prepare").config("spark.log.level", "WARN")
+        spark = (session_factory or builder.getOrCreate)()
         spark.sparkContext.setLogLevel("ERROR")
         ship_code(spark)
         try:

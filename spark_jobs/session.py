@@ -20,6 +20,7 @@ RUNTIME_CONF = {
     "spark.sql.session.timeZone": "UTC",
     "spark.sql.adaptive.coalescePartitions.enabled": "false",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.execution.arrow.maxRecordsPerBatch": "65536",  # fewer, larger blocks for the Python passes
 }
 """SQL settings the job sets on every session it runs in (all of them can change at runtime)."""
 
@@ -56,6 +57,7 @@ def get_spark(
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # no INFO line per connection, even at exit
     return spark
 
 

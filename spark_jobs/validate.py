@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.types import DataType, DateType, IntegralType, NumericType, StringType, TimestampType
 
 from seqrec.config import InputConfig
 from spark_jobs.adapters import CORRUPT, ROW, RawEvents, role_column
@@ -41,38 +42,86 @@ REASON = "reason"
 """Column with the quarantine or filter reason (null: the row is fine)."""
 
 
-def _blank(col: Column) -> Column:
-    return col.isNull() | (F.trim(col) == "")
+def _clean_name(role: str) -> str:
+    """Clean column of a role: user, item, action, rating, ctx_<name>."""
+    return "ctx_" + role.split(":", 1)[1] if role.startswith("ctx:") else role
+
+
+def _as_text(col: Column, dtype: DataType, keep_ints: bool) -> Column:
+    """A categorical value: strings are trimmed, other types cast to strings, except integer user
+    and item ids, which stay integers (cheaper to shuffle and sort; they become strings where values
+    are stored: vocabularies and the `user` column)."""
+    if isinstance(dtype, StringType):
+        return F.trim(col)
+    return col.cast("long") if keep_ints and isinstance(dtype, IntegralType) else col.cast("string")
+
+
+def _as_number(col: Column, dtype: DataType) -> Column:
+    """A numeric value as a double, null when unparsable (typed columns skip the string round trip)."""
+    if isinstance(dtype, NumericType):
+        return col.cast("double")
+    return F.trim(col.cast("string")).try_cast("double")
+
+
+def _seconds(col: Column, dtype: DataType, fmt: str) -> Column:
+    if isinstance(dtype, TimestampType | DateType):
+        return F.unix_micros(col.cast("timestamp")) / 1e6
+    parsers = {
+        "unix_s": lambda: _as_number(col, dtype),
+        "unix_ms": lambda: _as_number(col, dtype) / 1000.0,
+        "iso": lambda: F.unix_micros(F.try_to_timestamp(F.trim(col.cast("string")))) / 1e6,
+    }
+    return parsers[fmt]()
+
+
+def _blank(value: Column, dtype: DataType) -> Column:
+    """Missing: null, or (strings, after trimming) empty."""
+    return value.isNull() | (value == "") if isinstance(dtype, StringType) else value.isNull()
+
+
+def _finite(col: Column) -> Column:
+    return (col < F.lit(float("inf"))) & (col > F.lit(float("-inf")))
 
 
 def parse_events(raw: RawEvents, inp: InputConfig) -> DataFrame:
-    """Raw columns plus parsed `ts` (long), `rating` (double) and `reason` (null for good rows)."""
-    df = raw.df
+    """Raw columns plus the clean ones (`user`, `item`, `ts` long, [`rating` double], [`action`],
+    [`ctx_*`]) and `reason` (null for good rows). Not cached: each query reads what it needs."""
+    types = {f.name: f.dataType for f in raw.df.schema.fields}
     roles = raw.names
-    r = {role: F.col(role_column(role)) for role in roles}
+    clean = [F.col("*")]
+    for role in roles:
+        if role in ("timestamp", "rating"):
+            continue
+        text = _as_text(F.col(role_column(role)), types[role_column(role)], keep_ints=role in ("user", "item"))
+        clean.append(text.alias(_clean_name(role)))
     if inp.timestamp_format == "order":
-        seconds = F.col(ROW).cast("double")
+        clean.append(F.col(ROW).cast("double").alias("_s"))
     else:
-        seconds = _parse_seconds(r["timestamp"], inp.timestamp_format)
-    df = df.withColumn("_s", seconds)
+        clean.append(_seconds(F.col(role_column("timestamp")), types[role_column("timestamp")], inp.timestamp_format).alias("_s"))
     if "rating" in roles:
-        df = df.withColumn("rating", F.expr(f"try_cast(trim({role_column('rating')}) as double)"))
+        clean.append(_as_number(F.col(role_column("rating")), types[role_column("rating")]).alias("rating"))
+    # A second projection: the checks below reuse these values instead of recomputing them.
+    df = raw.df.select(*clean)
     s = F.col("_s")
     in_range = (s >= F.lit(float(inp.min_timestamp))) & (s < F.lit(float(inp.max_timestamp)))
     checks: list[tuple[str, Column]] = []
     if CORRUPT in df.columns:
         checks.append(("malformed_row", F.col(CORRUPT).isNotNull()))
-    checks += [("missing_user", _blank(r["user"])), ("missing_item", _blank(r["item"]))]
+    checks += [("missing_user", _blank(F.col("user"), types[role_column("user")])), ("missing_item", _blank(F.col("item"), types[role_column("item")]))]
     if "timestamp" in roles:
-        checks += [("missing_timestamp", _blank(r["timestamp"])), ("bad_timestamp", s.isNull() | F.isnan(s))]
+        raw_ts = F.col(role_column("timestamp"))
+        ts_type = types[role_column("timestamp")]
+        missing = _blank(F.trim(raw_ts) if isinstance(ts_type, StringType) else raw_ts, ts_type)
+        checks += [("missing_timestamp", missing), ("bad_timestamp", s.isNull() | F.isnan(s))]
     checks.append(("impossible_timestamp", ~in_range))
     if "rating" in roles:
         rating = F.col("rating")
-        checks.append(("bad_rating", r["rating"].isNotNull() & (rating.isNull() | F.isnan(rating) | ~_finite(rating))))
+        bad = F.col(role_column("rating")).isNotNull() & (rating.isNull() | F.isnan(rating) | ~_finite(rating))
+        checks.append(("bad_rating", bad))
     if "action" in roles:
-        checks.append(("missing_action", _blank(r["action"])))
+        checks.append(("missing_action", _blank(F.col("action"), types[role_column("action")])))
         if inp.valid_actions:
-            checks.append(("unknown_action", ~F.trim(r["action"]).isin(*inp.valid_actions)))
+            checks.append(("unknown_action", ~F.col("action").isin(*inp.valid_actions)))
     reason = F.lit(None).cast("string")
     for name, failed in reversed(checks):
         reason = F.when(failed, F.lit(name)).otherwise(reason)
@@ -80,18 +129,10 @@ def parse_events(raw: RawEvents, inp: InputConfig) -> DataFrame:
     return df.withColumn(REASON, reason).withColumn("ts", ts).drop("_s")
 
 
-def _finite(col: Column) -> Column:
-    return (col < F.lit(float("inf"))) & (col > F.lit(float("-inf")))
-
-
-def _parse_seconds(raw: Column, fmt: str) -> Column:
-    text = F.trim(raw)
-    parsers = {
-        "unix_s": lambda: text.try_cast("double"),
-        "unix_ms": lambda: text.try_cast("double") / 1000.0,
-        "iso": lambda: F.unix_micros(F.try_to_timestamp(text)) / 1e6,
-    }
-    return parsers[fmt]()
+def reason_metrics() -> list[Column]:
+    """Observation metrics over parsed rows: total and one count per quarantine reason."""
+    metrics = [F.count(F.lit(1)).alias("events_in")]
+    return metrics + [F.sum(F.when(F.col(REASON) == r, 1).otherwise(0)).alias(r) for r in QUARANTINE_REASONS]
 
 
 def quarantine_table(parsed: DataFrame, raw: RawEvents) -> DataFrame:
@@ -101,7 +142,7 @@ def quarantine_table(parsed: DataFrame, raw: RawEvents) -> DataFrame:
     for role, name in raw.names.items():
         if name not in seen:
             seen.add(name)
-            cols.append(F.col(role_column(role)).alias(name))
+            cols.append(F.col(role_column(role)).cast("string").alias(name))
     if CORRUPT in parsed.columns:
         cols.append(F.col(CORRUPT).alias("raw_record"))
     return parsed.filter(F.col(REASON).isNotNull()).select(*cols, F.col(REASON))
@@ -109,19 +150,12 @@ def quarantine_table(parsed: DataFrame, raw: RawEvents) -> DataFrame:
 
 def event_columns(raw: RawEvents) -> list[str]:
     """Names of the clean per-event categorical columns: action and `ctx_<name>` for each context."""
-    cols = ["action"] if "action" in raw.names else []
-    return cols + [f"ctx_{role.split(':', 1)[1]}" for role in raw.names if role.startswith("ctx:")]
+    return [_clean_name(role) for role in raw.names if role == "action" or role.startswith("ctx:")]
 
 
 def clean_events(parsed: DataFrame, raw: RawEvents) -> DataFrame:
-    """Good rows with clean columns: _row, user, item, ts, [rating], [action], [ctx_*] (trimmed strings)."""
-    cols = [F.col(ROW), F.trim(F.col(role_column("user"))).alias("user"), F.trim(F.col(role_column("item"))).alias("item"), F.col("ts")]
-    if "rating" in raw.names:
-        cols.append(F.col("rating"))
-    for role in raw.names:
-        if role == "action" or role.startswith("ctx:"):
-            name = "action" if role == "action" else f"ctx_{role.split(':', 1)[1]}"
-            cols.append(F.trim(F.col(role_column(role))).alias(name))
+    """Good rows with clean columns: _row, user, item, ts, [rating], [action], [ctx_*]."""
+    cols = [ROW, "user", "item", "ts", *(["rating"] if "rating" in raw.names else []), *event_columns(raw)]
     return parsed.filter(F.col(REASON).isNull()).select(*cols)
 
 
