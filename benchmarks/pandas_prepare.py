@@ -57,7 +57,9 @@ def _files(path: str) -> list[Path]:
 def read_table(path: str, fmt: str, sep: str = ",", header: bool = True) -> pd.DataFrame:
     readers = {
         "parquet": lambda f: pd.read_parquet(f, dtype_backend="numpy_nullable"),  # ints with nulls stay ints
-        "csv": lambda f: pd.read_csv(f, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False, na_values=[""]),
+        "csv": lambda f: pd.read_csv(
+            f, sep=sep, header=0 if header else None, dtype=str, keep_default_na=False, na_values=[""]
+        ),
         "json": lambda f: pd.read_json(f, lines=True, dtype=False),
     }
     if fmt not in readers:
@@ -99,7 +101,9 @@ def validate(df: pd.DataFrame, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict[s
     else:
         raw_ts = _as_str(df[c.timestamp])
         if inp.timestamp_format == "iso":
-            secs = (pd.to_datetime(raw_ts, errors="coerce", utc=True) - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+            secs = (
+                pd.to_datetime(raw_ts, errors="coerce", utc=True) - pd.Timestamp(0, tz="UTC")
+            ).dt.total_seconds()
         else:
             secs = _numeric(raw_ts) / (1000.0 if inp.timestamp_format == "unix_ms" else 1.0)
         checks += [("missing_timestamp", blank(raw_ts)), ("bad_timestamp", secs.isna())]
@@ -150,7 +154,9 @@ def count_filters(df: pd.DataFrame, cfg: PrepareConfig, filtered: dict[str, int]
     if f.k_core > 0:
         n0 = len(df)
         while True:
-            keep = (df.groupby("item")["item"].transform("size") >= f.k_core) & (df.groupby("user")["user"].transform("size") >= f.k_core)
+            keep = (df.groupby("item")["item"].transform("size") >= f.k_core) & (
+                df.groupby("user")["user"].transform("size") >= f.k_core
+            )
             if keep.all():
                 break
             df = df[keep]
@@ -189,7 +195,9 @@ def _pad(values: list, width: int) -> list:
     return [0] * (width - len(values)) + values
 
 
-def _rows_for_user(user: str, ev: dict[str, list], ends: dict[str, int], cfg: PrepareConfig, feats: list[str]) -> dict[str, list[dict]]:
+def _rows_for_user(
+    user: str, ev: dict[str, list], ends: dict[str, int], cfg: PrepareConfig, feats: list[str]
+) -> dict[str, list[dict]]:
     """The research-code loop body: cut, truncate or window, pad."""
     sp = cfg.split
     width, stride = sp.max_len + 1, sp.window_stride or sp.max_len
@@ -199,7 +207,10 @@ def _rows_for_user(user: str, ev: dict[str, list], ends: dict[str, int], cfg: Pr
             continue
         if split == "train" and sp.sliding_window:
             count = 1 + -(-max(end - width, 0) // stride)
-            windows = [(max(end - k * stride - width, 0), min(width, end - k * stride)) for k in range(count - 1, -1, -1)]
+            windows = [
+                (max(end - k * stride - width, 0), min(width, end - k * stride))
+                for k in range(count - 1, -1, -1)
+            ]
         else:
             windows = [(max(end - width, 0), min(width, end))]
         for k, (start, length) in enumerate(windows):
@@ -214,14 +225,21 @@ def _rows_for_user(user: str, ev: dict[str, list], ends: dict[str, int], cfg: Pr
 
 def build_rows(df: pd.DataFrame, cfg: PrepareConfig, feats: list[str]) -> dict[str, pd.DataFrame]:
     per_user = df.groupby("user", sort=True).agg(
-        item=("item_id", list), ts=("ts", list), n=("n", "first"), cv=("cv", "first"), ct=("ct", "first"),
+        item=("item_id", list),
+        ts=("ts", list),
+        n=("n", "first"),
+        cv=("cv", "first"),
+        ct=("ct", "first"),
         **{f: (f, list) for f in feats},
     )
     rows: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
     for user, r in per_user.iterrows():
         if cfg.split.kind == "time":
-            ends = {"train": r.cv if r.cv >= 2 else 0, "valid": r.cv + 1 if r.ct > r.cv and r.cv >= 1 else 0,
-                    "test": r.ct + 1 if r.n > r.ct and r.ct >= 1 else 0}
+            ends = {
+                "train": r.cv if r.cv >= 2 else 0,
+                "valid": r.cv + 1 if r.ct > r.cv and r.cv >= 1 else 0,
+                "test": r.ct + 1 if r.n > r.ct and r.ct >= 1 else 0,
+            }
         else:
             ends = {"train": r.n - 2 if r.n >= 4 else 0, "valid": r.n - 1, "test": r.n}
         for split, split_rows in _rows_for_user(str(user), r, ends, cfg, feats).items():
@@ -242,30 +260,53 @@ def prepare(cfg: PrepareConfig) -> Result:
     deduped = passed.drop_duplicates(subset=keys, keep="first")
     duplicates = len(passed) - len(deduped)
     kept = split_positions(count_filters(deduped, cfg, filtered), cfg, filtered)
-    features = {"item": "item", **({"action": "action"} if inp.columns.action else {}), **{n: f"ctx_{n}" for n in inp.columns.context}}
+    features = {
+        "item": "item",
+        **({"action": "action"} if inp.columns.action else {}),
+        **{n: f"ctx_{n}" for n in inp.columns.context},
+    }
     vocabs = {}
     for name, col in features.items():
         counts = kept[col].value_counts(dropna=False)
-        vocabs[name] = build_vocab(name, {(None if pd.isna(k) else k): int(v) for k, v in counts.items()}, cfg.vocab_min_count)
+        vocabs[name] = build_vocab(
+            name, {(None if pd.isna(k) else k): int(v) for k, v in counts.items()}, cfg.vocab_min_count
+        )
     for name, col in features.items():
         target = "item_id" if name == "item" else name
         kept[target] = kept[col].map(vocabs[name].ids()).fillna(1).astype(np.int32)
     train_counts = kept.loc[kept["train"], "item"].value_counts().to_dict()
     items = None
     if inp.item_features_path:
-        table = read_table(inp.item_features_path, inp.item_features_format, inp.csv_delimiter, inp.csv_header)
+        table = read_table(
+            inp.item_features_path, inp.item_features_format, inp.csv_delimiter, inp.csv_header
+        )
         items = pd.DataFrame({"item": _as_str(table[inp.item_key])})
         for f in inp.item_single_features:
             items[f] = _as_str(table[f])
         for f in inp.item_multi_features:
             items[f] = table[f].map(lambda v: _multi(v, inp.multi_value_separator))
         items = items[items["item"].isin(set(vocabs["item"].values))]
-    side = item_features(vocabs["item"], train_counts, items, inp.item_single_features, inp.item_multi_features,
-                         inp.max_values_per_item, cfg.vocab_min_count, "")
+    side = item_features(
+        vocabs["item"],
+        train_counts,
+        items,
+        inp.item_single_features,
+        inp.item_multi_features,
+        inp.max_values_per_item,
+        cfg.vocab_min_count,
+        "",
+    )
     feats = [n for n in features if n != "item"]
     splits = build_rows(kept, cfg, feats)
-    stats = {"events_in": events_in, "kept": len(kept), "quarantined": sum(quarantine.values()), "duplicates": duplicates,
-             "filtered": sum(filtered.values()), "users": int(kept["user"].nunique()), "items": len(kept["item"].unique())}
+    stats = {
+        "events_in": events_in,
+        "kept": len(kept),
+        "quarantined": sum(quarantine.values()),
+        "duplicates": duplicates,
+        "filtered": sum(filtered.values()),
+        "users": int(kept["user"].nunique()),
+        "items": len(kept["item"].unique()),
+    }
     return Result(splits, {**vocabs, **side.vocabs}, side.table, stats, quarantine, filtered)
 
 

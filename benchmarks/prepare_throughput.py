@@ -6,7 +6,8 @@ the JVM, Python workers) is sampled. Both get the same prepare config (the demo 
 agree on the counts. Results go to benchmarks/results/prepare_throughput.json and a table.
 
     .venv/bin/python benchmarks/prepare_throughput.py --sizes 1e6,1e7
-    .venv/bin/python benchmarks/prepare_throughput.py --sizes 5e7 --skip-pandas
+    .venv/bin/python benchmarks/prepare_throughput.py            # 1M, 10M, 50M (pandas skipped
+                                                                 # where it would not fit in memory)
 
 `seconds` is the wall time of the whole command (Spark: including JVM start); `job_seconds` is the
 time the implementation itself reports (Spark: the manifest's `elapsed_s`, session start included).
@@ -32,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 TMP = RESULTS / "tmp"
 log = logging.getLogger("prepare_throughput")
+PANDAS_GIB_PER_MILLION = 0.6
+"""Peak RSS of benchmarks/pandas_prepare.py per million events (measured: 0.76 GiB at 1M, 5.7 at 10M)."""
 
 
 class PeakRss:
@@ -68,7 +71,12 @@ class PeakRss:
 
 def _run(cmd: list[str], name: str) -> tuple[float, int, str]:
     """Run `cmd`, return (wall seconds, peak tree RSS bytes, stdout); raise on failure."""
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rss = PeakRss(proc.pid)
@@ -86,7 +94,12 @@ def _generate(events: int) -> Path:
 
     out = TMP / f"log-{events}"
     result = generate(GenerateConfig(num_events=events, output=str(out)))
-    log.info("log %s: %s events (%s)", out, f"{result.num_events:,}", "cached" if result.skipped else f"{result.seconds:.0f} s")
+    log.info(
+        "log %s: %s events (%s)",
+        out,
+        f"{result.num_events:,}",
+        "cached" if result.skipped else f"{result.seconds:.0f} s",
+    )
     return out
 
 
@@ -103,10 +116,27 @@ def _overrides(log_dir: Path, args: argparse.Namespace) -> list[str]:
 def run_spark(log_dir: Path, events: int, args: argparse.Namespace) -> dict[str, Any]:
     out = TMP / f"spark-{events}"
     sets = [x for o in _overrides(log_dir, args) for x in ("--set", o)]
-    cmd = [sys.executable, "-m", "seqrec", "--log-level", "WARNING", "prepare", "--force", "--output", str(out), *sets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "seqrec",
+        "--log-level",
+        "WARNING",
+        "prepare",
+        "--force",
+        "--output",
+        str(out),
+        *sets,
+    ]
     seconds, peak, _ = _run(cmd, "spark")
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"impl": "spark", "seconds": seconds, "job_seconds": manifest["elapsed_s"], "peak_rss_bytes": peak, "stats": manifest["stats"]}
+    return {
+        "impl": "spark",
+        "seconds": seconds,
+        "job_seconds": manifest["elapsed_s"],
+        "peak_rss_bytes": peak,
+        "stats": manifest["stats"],
+    }
 
 
 def run_pandas(log_dir: Path, events: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -115,11 +145,19 @@ def run_pandas(log_dir: Path, events: int, args: argparse.Namespace) -> dict[str
     cmd = [sys.executable, str(REPO / "benchmarks" / "pandas_prepare.py"), "--output", str(out), *sets]
     seconds, peak, stdout = _run(cmd, "pandas")
     report = json.loads(stdout.strip().splitlines()[-1])
-    return {"impl": "pandas", "seconds": seconds, "job_seconds": report.pop("seconds"), "peak_rss_bytes": peak, "stats": report}
+    return {
+        "impl": "pandas",
+        "seconds": seconds,
+        "job_seconds": report.pop("seconds"),
+        "peak_rss_bytes": peak,
+        "stats": report,
+    }
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'events':>12} {'impl':<7} {'seconds':>8} {'job s':>7} {'events/s':>11} {'peak RSS GiB':>13} {'speedup':>8}"]
+    lines = [
+        f"{'events':>12} {'impl':<7} {'seconds':>8} {'job s':>7} {'events/s':>11} {'peak RSS GiB':>13} {'speedup':>8}"
+    ]
     for r in rows:
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else ""
         lines.append(
@@ -135,31 +173,67 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--driver-memory", default="4g")
     parser.add_argument("--shuffle-partitions", type=int, default=8)
-    parser.add_argument("--skip-pandas", action="store_true", help="Spark only (pandas at 50M needs tens of GiB)")
+    parser.add_argument("--skip-pandas", action="store_true", help="Spark only")
+    parser.add_argument(
+        "--pandas-max-gib",
+        type=float,
+        default=round(0.8 * psutil.virtual_memory().total / 2**30, 1),
+        help=f"skip pandas where its estimated peak ({PANDAS_GIB_PER_MILLION} GiB per 1M events, measured) exceeds this",
+    )
     parser.add_argument("--output", default=str(RESULTS / "prepare_throughput.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     for events in (int(float(s)) for s in args.sizes.split(",")):
         log_dir = _generate(events)
-        runners = [run_spark] + ([] if args.skip_pandas else [run_pandas])
+        pandas_gib = PANDAS_GIB_PER_MILLION * events / 1e6
+        skip = args.skip_pandas or pandas_gib > args.pandas_max_gib
+        if skip:
+            reason = (
+                "--skip-pandas"
+                if args.skip_pandas
+                else f"estimated peak {pandas_gib:.0f} GiB > {args.pandas_max_gib:.0f} GiB"
+            )
+            skipped.append({"events": events, "impl": "pandas", "reason": reason})
+            log.warning("pandas skipped at %s events: %s", f"{events:,}", reason)
+        runners = [run_spark] + ([] if skip else [run_pandas])
         results = []
         for runner in runners:
+            load = os.getloadavg()[0]  # the machine may be shared: record how busy it was
             r = runner(log_dir, events, args)
-            r.update(events=events, events_per_s=events / r["seconds"])
-            log.info("%s %s events: %.1f s, peak %.2f GiB", r["impl"], f"{events:,}", r["seconds"], r["peak_rss_bytes"] / 2**30)
+            r.update(events=events, events_per_s=events / r["seconds"], load_avg_1m_before=round(load, 2))
+            log.info(
+                "%s %s events: %.1f s, peak %.2f GiB",
+                r["impl"],
+                f"{events:,}",
+                r["seconds"],
+                r["peak_rss_bytes"] / 2**30,
+            )
             results.append(r)
         if len(results) == 2:
             spark, pandas = results
             if spark["stats"] != pandas["stats"]:
-                raise RuntimeError(f"spark and pandas disagree at {events:,} events: {spark['stats']} vs {pandas['stats']}")
+                raise RuntimeError(
+                    f"spark and pandas disagree at {events:,} events: {spark['stats']} vs {pandas['stats']}"
+                )
             spark["speedup"] = pandas["seconds"] / spark["seconds"]
         rows.extend(results)
     report = {
         "benchmark": "prepare_throughput",
-        "machine": {"cpus": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "platform": platform.platform()},
-        "settings": {"master": args.master, "driver_memory": args.driver_memory, "shuffle_partitions": args.shuffle_partitions, "config": "demo defaults"},
+        "machine": {
+            "cpus": psutil.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "platform": platform.platform(),
+        },
+        "settings": {
+            "master": args.master,
+            "driver_memory": args.driver_memory,
+            "shuffle_partitions": args.shuffle_partitions,
+            "config": "demo defaults",
+        },
         "results": rows,
+        "skipped": skipped,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,8 +1,9 @@
 """Reading raw event logs and item tables into Spark, one adapter per input format.
 
-Every reader returns the raw values as strings (what the quarantine table shows) plus `_row`, the
-event's position in the input: files in path-name order, rows in file order. `_row` is the stable
-tie-break for events with equal timestamps and the time of the `sequence-lines` format.
+`read_events` returns the configured columns in their own types (validation parses them; the
+quarantine table shows them as strings) plus `_row`, the event's position in the input: files in
+path-name order, rows in file order, dense from 0. `_row` is the stable tie-break for events with
+equal timestamps and the time of the `sequence-lines` format.
 
 Formats (`prepare.input.format`):
 
@@ -48,7 +49,11 @@ _EVENT_FILES = {
     "movielens-1m": "ratings.dat",
     "sequence-lines": "sequences.txt",
 }
-_ITEM_FILES = {"movielens-100k": "u.item", "movielens-latest-small": "movies.csv", "movielens-1m": "movies.dat"}
+_ITEM_FILES = {
+    "movielens-100k": "u.item",
+    "movielens-latest-small": "movies.csv",
+    "movielens-1m": "movies.dat",
+}
 _ML100K_GENRE_FLAGS = 19  # u.item: id|title|release|video release|url|19 genre flags
 _ML_COLUMNS = ["user_id", "item_id", "rating", "ts"]
 MAX_UNION_FILES = 256
@@ -118,7 +123,9 @@ def _split_text(spark: SparkSession, path: str, pattern: str, names: list[str]) 
     return spark.read.text(path).select(*[parts.getItem(i).alias(n) for i, n in enumerate(names)])
 
 
-def _read_csv(spark: SparkSession, path: str, sep: str, header: bool, schema: StructType | None = None) -> DataFrame:
+def _read_csv(
+    spark: SparkSession, path: str, sep: str, header: bool, schema: StructType | None = None
+) -> DataFrame:
     # escape='"' reads RFC 4180 quoting ("a ""b"", c"); every column stays a string.
     reader = spark.read.options(sep=sep, header=str(header).lower(), quote='"', escape='"')
     return (reader.schema(schema) if schema else reader).csv(path)
@@ -169,7 +176,9 @@ def read_events(spark: SparkSession, inp: InputConfig) -> RawEvents:
     roles = event_roles(inp)
     missing = [f"{role} column '{name}'" for role, name in roles.items() if name not in df.columns]
     if missing:
-        raise InputDataError(f"{path}: missing {', '.join(missing)} (has {df.columns}); see prepare.input.columns")
+        raise InputDataError(
+            f"{path}: missing {', '.join(missing)} (has {df.columns}); see prepare.input.columns"
+        )
     cols = [F.col(f"`{name}`").alias(role_column(role)) for role, name in roles.items()]
     if CORRUPT in df.columns:
         cols.append(F.col(CORRUPT))
@@ -191,7 +200,9 @@ def _in_input_order(spark: SparkSession, inp: InputConfig, path: str, df: DataFr
     root = path.rstrip("/")
     if len(files) > MAX_UNION_FILES or any("=" in f.split(root, 1)[-1].rsplit("/", 1)[0] for f in files):
         return None
-    parts = [_reader(spark, inp, f, df.schema if inp.format in ("parquet", "csv", "json") else None) for f in files]
+    parts = [
+        _reader(spark, inp, f, df.schema if inp.format in ("parquet", "csv", "json") else None) for f in files
+    ]
     return reduce(DataFrame.unionByName, parts)
 
 
@@ -208,7 +219,9 @@ def with_dense_row_index(df: DataFrame) -> DataFrame:
         offsets.append(total)
         total += counts.get(p, 0)
     base = F.expr(f"element_at(array({', '.join(f'{o}L' for o in offsets)}), spark_partition_id() + 1)")
-    return df.select("*", (base + F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))).alias(ROW))
+    return df.select(
+        "*", (base + F.monotonically_increasing_id().bitwiseAND(F.lit((1 << 33) - 1))).alias(ROW)
+    )
 
 
 def with_row_index(df: DataFrame) -> DataFrame:
@@ -226,7 +239,11 @@ def with_row_index(df: DataFrame) -> DataFrame:
         F.spark_partition_id().alias("_pid"),
         F.monotonically_increasing_id().alias("_mono"),
     )
-    splits = keyed.groupBy("_fp", "_bs", "_pid").agg(F.min("_mono").alias("_first"), F.count("*").alias("_n")).collect()
+    splits = (
+        keyed.groupBy("_fp", "_bs", "_pid")
+        .agg(F.min("_mono").alias("_first"), F.count("*").alias("_n"))
+        .collect()
+    )
     offset, bases = 0, []
     for s in sorted(splits, key=lambda r: (r["_fp"], r["_bs"])):
         bases.append((s["_fp"], s["_bs"], s["_pid"], offset - s["_first"]))
@@ -263,7 +280,9 @@ def _ml_latest_items(spark: SparkSession, path: str) -> DataFrame:
 def _ml1m_items(spark: SparkSession, path: str) -> DataFrame:
     fields = F.split(F.col("value"), "::")
     last = F.element_at(fields, -1)
-    return spark.read.text(path).select(fields.getItem(0).alias("item_id"), F.split(last, r"\|").alias("genres"))
+    return spark.read.text(path).select(
+        fields.getItem(0).alias("item_id"), F.split(last, r"\|").alias("genres")
+    )
 
 
 def _multi_values(col: Column, dtype: object, separator: str) -> Column:
@@ -279,7 +298,9 @@ def read_item_table(spark: SparkSession, inp: InputConfig) -> DataFrame | None:
     if not inp.item_features_path:
         return None
     fmt = inp.item_features_format
-    path = resolve_input(spark, inp.item_features_path, _ITEM_FILES.get(fmt), "prepare.input.item_features_path")
+    path = resolve_input(
+        spark, inp.item_features_path, _ITEM_FILES.get(fmt), "prepare.input.item_features_path"
+    )
     readers = {
         "parquet": lambda: spark.read.parquet(path),
         "csv": lambda: _read_csv(spark, path, inp.csv_delimiter, inp.csv_header),
@@ -296,5 +317,8 @@ def read_item_table(spark: SparkSession, inp: InputConfig) -> DataFrame | None:
     dtypes = {f.name: f.dataType for f in df.schema.fields}
     cols = [F.trim(F.col(inp.item_key).cast("string")).alias("item")]
     cols += [F.trim(F.col(f).cast(StringType())).alias(f) for f in inp.item_single_features]
-    cols += [_multi_values(F.col(f), dtypes[f], inp.multi_value_separator).alias(f) for f in inp.item_multi_features]
+    cols += [
+        _multi_values(F.col(f), dtypes[f], inp.multi_value_separator).alias(f)
+        for f in inp.item_multi_features
+    ]
     return df.select(*cols)

@@ -5,11 +5,18 @@ Two ways to run the same code:
     seqrec prepare --config configs/movielens-100k.toml            # embedded local Spark
     spark-submit spark_jobs/build_sequences.py --config X.toml [--set k=v ...]   # any master
 
-Stages (one log line each): read -> validate + quarantine -> deduplicate + row filters -> item/k-core
-filters -> order + split -> vocabularies + item features -> sequences -> shards -> manifest. The
-output is built in a hidden temporary folder next to `prepare.output`; `manifest.json` is written
-last and the folder is renamed into place only then (see storage.OutputDir). Counts add up exactly:
-events_in = kept + quarantined + duplicates + filtered (asserted before the manifest is written).
+Stages (one log line each):
+    read           the input, in input order (spark_jobs/adapters.py)
+    validate       reasons per row; the quarantine table (spark_jobs/validate.py)
+    filter         row filters; with count filters on, exact duplicates + min_item_events / k-core
+    order + split  events partitioned by user, sorted, cached; the per-user pass counts duplicates,
+                   filtered users and events, rows per split and the kept values (spark_jobs/tasks.py)
+    vocabularies   ids, the item feature table (spark_jobs/vocab.py)
+    plan, shards   files and exact row groups; the writing pass (spark_jobs/write.py)
+    manifest       written last
+The output is built in a hidden temporary folder next to `prepare.output` and renamed into place
+only when complete (storage.OutputDir). Counts add up exactly: events_in = kept + quarantined +
+duplicates + filtered (checked before anything is written past the quarantine table).
 """
 
 from __future__ import annotations
@@ -32,18 +39,18 @@ from typing import Any
 from pyspark.sql import DataFrame, Observation, SparkSession
 from pyspark.sql import functions as F
 
-from seqrec.config import ConfigError, PrepareConfig, load_config, to_dict
+from seqrec.config import ConfigError, PrepareConfig, load_config
 from seqrec.data import schema
-from spark_jobs import storage
+from spark_jobs import report, storage
 from spark_jobs.adapters import InputDataError, RawEvents, read_events, read_item_table
 from spark_jobs.filters import k_core, maybe_broadcast, min_item_events, rowwise_reason
+from spark_jobs.report import ROW_FILTERS, Counts, features_section, nonzero
 from spark_jobs.rows import SPLITS as SPLIT_NAMES
 from spark_jobs.rows import USER_REASONS, RowParams
 from spark_jobs.session import configure, get_spark
 from spark_jobs.shard_writer import WriteSpec
 from spark_jobs.tasks import Columns
 from spark_jobs.validate import (
-    QUARANTINE_REASONS,
     REASON,
     clean_events,
     deduplicate,
@@ -51,30 +58,12 @@ from spark_jobs.validate import (
     parse_events,
     quarantine_table,
 )
-from spark_jobs.vocab import ItemFeatures, Vocab, item_features, make_vocab, write_item_features, write_vocab
+from spark_jobs.vocab import Vocab, item_features, make_vocab, write_item_features, write_vocab
 from spark_jobs.write import assign_buckets, bucket, collect_stats, plan_files, sort_by_user, write_splits
 
 log = logging.getLogger("spark_jobs.prepare")
 
 __all__ = ["InputDataError", "run_prepare", "main"]
-
-ROW_FILTERS = ("min_rating", "actions", "time_window")
-FILTER_REASONS = (*ROW_FILTERS, "min_item_events", "k_core", "min_user_events", "too_short", "time_split_unused")
-
-
-@dataclass(slots=True)
-class _Counts:
-    """The bookkeeping that must add up: events_in = kept + quarantined + duplicates + filtered."""
-
-    events_in: int = 0
-    quarantine: dict[str, int] = field(default_factory=lambda: dict.fromkeys(QUARANTINE_REASONS, 0))
-    duplicates: int = 0
-    filtered: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FILTER_REASONS, 0))
-    kept: int = 0
-
-    def check(self) -> None:
-        total = self.kept + sum(self.quarantine.values()) + self.duplicates + sum(self.filtered.values())
-        assert total == self.events_in, f"counts do not add up: {total} != events_in {self.events_in}: {self}"
 
 
 class _Cache:
@@ -106,10 +95,6 @@ class _Stages:
         self.t = now
 
 
-def _reason_counts(df: DataFrame) -> dict[str | None, int]:
-    return {r[REASON]: r["count"] for r in df.groupBy(REASON).count().collect()}
-
-
 def before_commit(tmp: str) -> None:
     """Called after the manifest is written, before the rename (tests inject failures here)."""
 
@@ -121,7 +106,7 @@ class _Run:
     spark: SparkSession
     cfg: PrepareConfig
     tmp: str
-    counts: _Counts = field(default_factory=_Counts)
+    counts: Counts = field(default_factory=Counts)
     stages: _Stages = field(default_factory=lambda: _Stages(total=8))
     cache: _Cache = field(default_factory=_Cache)
 
@@ -147,7 +132,7 @@ def _validate(run: _Run) -> tuple[DataFrame, RawEvents, dict[int, int]]:
     if not sum(counts.quarantine.values()):
         table = run.spark.createDataFrame([], table.schema)  # an empty table with the same columns
     table.write.mode("overwrite").parquet(schema.join(run.tmp, schema.QUARANTINE_DIR))
-    st.done("validate", f"{counts.events_in:,} events; quarantined: {_nonzero(counts.quarantine)}")
+    st.done("validate", f"{counts.events_in:,} events; quarantined: {nonzero(counts.quarantine)}")
     return parsed, raw, {r["b"]: r["count"] for r in rows if r[REASON] is None}
 
 
@@ -172,23 +157,33 @@ def _filter(run: _Run, parsed: DataFrame, raw: RawEvents) -> tuple[DataFrame, Ob
         if f.k_core > 0:
             events, m, _ = k_core(events, f.k_core, n, run.cache)
             c.filtered["k_core"], n = n - m, m
-    run.stages.done("filter", f"min_item_events {c.filtered['min_item_events']:,}, k_core {c.filtered['k_core']:,}")
+    run.stages.done(
+        "filter", f"min_item_events {c.filtered['min_item_events']:,}, k_core {c.filtered['k_core']:,}"
+    )
     return events, seen
 
 
-def _per_user(run: _Run, events: DataFrame, seen: Observation, columns: Columns, bucket_events: dict[int, int]) -> tuple[DataFrame, dict, dict]:
+def _per_user(
+    run: _Run, events: DataFrame, seen: Observation, columns: Columns, bucket_events: dict[int, int]
+) -> tuple[DataFrame, dict, dict, int]:
     """Sort by user into `files_per_split` balanced partitions (cached); run the stats pass over them."""
     cfg, c = run.cfg, run.counts
     by_user = run.cache(sort_by_user(events, assign_buckets(bucket_events, cfg.shards.files_per_split)))
     per_partition, values = collect_stats(by_user, columns, row_params(cfg))  # builds the cache
     if not (cfg.filters.min_item_events > 1 or cfg.filters.k_core > 0):
         c.filtered.update({r: seen.get[r] for r in ROW_FILTERS})
-    total = {k: sum(p.get(k, 0) for p in per_partition.values()) for k in ("events", "duplicates", "kept", "users", *USER_REASONS)}
+    total = {
+        k: sum(p.get(k, 0) for p in per_partition.values())
+        for k in ("events", "duplicates", "kept", "users", *USER_REASONS)
+    }
     c.duplicates += total["duplicates"]
     c.kept = total["kept"]
     c.filtered.update({r: total[r] for r in USER_REASONS})
-    run.stages.done("order + split", f"{c.kept:,} events kept; {c.duplicates:,} duplicates; filtered: {_nonzero(c.filtered)}")
-    return by_user, per_partition, {**values, "_users": total["users"]}
+    run.stages.done(
+        "order + split",
+        f"{c.kept:,} events kept; {c.duplicates:,} duplicates; filtered: {nonzero(c.filtered)}",
+    )
+    return by_user, per_partition, values, total["users"]
 
 
 def _lookup(spark: SparkSession, vocab: Vocab) -> DataFrame:
@@ -196,24 +191,13 @@ def _lookup(spark: SparkSession, vocab: Vocab) -> DataFrame:
     return maybe_broadcast(frame, len(vocab.values))
 
 
-def _features_section(vocabs: dict[str, Vocab], side: ItemFeatures) -> dict[str, dict]:
-    section = {"item": {"kind": schema.KIND_ITEM, "num_embeddings": vocabs["item"].num_embeddings}}
-    for name, vocab in side.vocabs.items():
-        multi = name in side.max_values
-        section[name] = {"kind": schema.KIND_ITEM_MULTI if multi else schema.KIND_ITEM_SINGLE, "num_embeddings": vocab.num_embeddings}
-        if multi:
-            section[name]["max_values"] = side.max_values[name]
-    for name, vocab in vocabs.items():
-        if name != "item":
-            section[name] = {"kind": schema.KIND_EVENT, "num_embeddings": vocab.num_embeddings}
-    return section
-
-
 def _vocabularies(run: _Run, values: dict[str, dict]) -> tuple[dict[str, Vocab], dict[str, dict]]:
     """Vocabularies from the kept values' counts, the item feature table; all written to the output."""
     cfg, inp = run.cfg, run.cfg.input
-    features = [f for f in values if not f.startswith("_")]
-    vocabs = {f: make_vocab(f, {v: c for v, (c, _) in values[f].items()}, cfg.vocab_min_count, cfg.reuse_vocab) for f in features}
+    vocabs = {
+        f: make_vocab(f, {v: c for v, (c, _) in counts.items()}, cfg.vocab_min_count, cfg.reuse_vocab)
+        for f, counts in values.items()
+    }
     train = {v: t for v, (_, t) in values["item"].items()}
     items_df = read_item_table(run.spark, inp)
     rows = None
@@ -221,13 +205,19 @@ def _vocabularies(run: _Run, values: dict[str, dict]) -> tuple[dict[str, Vocab],
         known = _lookup(run.spark, vocabs["item"]).select(F.col("value").alias("item"))
         rows = items_df.join(known, "item", "left_semi").toPandas()
     side = item_features(
-        vocabs["item"], train, rows, inp.item_single_features, inp.item_multi_features,
-        inp.max_values_per_item, cfg.vocab_min_count, cfg.reuse_vocab,
+        vocabs["item"],
+        train,
+        rows,
+        inp.item_single_features,
+        inp.item_multi_features,
+        inp.max_values_per_item,
+        cfg.vocab_min_count,
+        cfg.reuse_vocab,
     )
     write_item_features(side.table, run.tmp)
     for vocab in [*vocabs.values(), *side.vocabs.values()]:
         write_vocab(vocab, run.tmp)
-    section = _features_section(vocabs, side)
+    section = features_section(vocabs, side)
     run.stages.done("vocabularies", ", ".join(f"{n} {f['num_embeddings']:,}" for n, f in section.items()))
     return vocabs, section
 
@@ -242,53 +232,40 @@ def _event_features(raw: RawEvents) -> dict[str, str]:
     return {"item": "item", **{c.removeprefix("ctx_"): c for c in event_columns(raw)}}
 
 
-def _manifest(run: _Run, raw: RawEvents, features: dict, splits: dict, users: int, items: int, t0: float) -> dict[str, Any]:
-    c, cfg = run.counts, run.cfg
-    return {
-        "schema_version": schema.SCHEMA_VERSION,
-        "dataset": cfg.dataset_name,
-        "source": {"path": raw.path, "format": cfg.input.format, "item_features_path": cfg.input.item_features_path},
-        "config": to_dict(cfg),
-        "max_len": cfg.split.max_len,
-        "split_kind": cfg.split.kind,
-        "features": features,
-        "vocab": {name: f"{schema.VOCAB_DIR}/{name}.parquet" for name in features},
-        "item_features": schema.ITEM_FEATURES_FILE,
-        "splits": splits,
-        "stats": {
-            "events_in": c.events_in,
-            "kept": c.kept,
-            "quarantined": sum(c.quarantine.values()),
-            "duplicates": c.duplicates,
-            "filtered": sum(c.filtered.values()),
-            "users": users,
-            "items": items,
-        },
-        "quarantine": c.quarantine,
-        "filtered": c.filtered,
-        "spark_version": run.spark.version,
-        "elapsed_s": round(time.time() - t0, 3),
-    }
-
-
 def _build(run: _Run, t0: float) -> dict[str, Any]:
     cfg = run.cfg
     parsed, raw, bucket_events = _validate(run)
     features = _event_features(raw)
     columns = Columns(features=features, numeric_keys=["rating"] if "rating" in raw.names else [])
-    by_user, per_partition, values = _per_user(run, *_filter(run, parsed, raw), columns, bucket_events)
+    by_user, per_partition, values, num_users = _per_user(
+        run, *_filter(run, parsed, raw), columns, bucket_events
+    )
     run.counts.check()
     vocabs, section = _vocabularies(run, values)
     rows = {p: {s: stats[f"rows_{s}"] for s in SPLIT_NAMES} for p, stats in per_partition.items()}
     plans, files = plan_files(rows, cfg.shards)
-    num_users, num_items = values["_users"], len(values["item"])
-    run.stages.done("plan", f"{num_users:,} users; rows " + ", ".join(f"{s} {sum(r[s] for r in rows.values()):,}" for s in SPLIT_NAMES))
+    num_items = len(values["item"])
+    run.stages.done(
+        "plan",
+        f"{num_users:,} users; rows "
+        + ", ".join(f"{s} {sum(r[s] for r in rows.values()):,}" for s in SPLIT_NAMES),
+    )
     spec = WriteSpec(root=run.tmp, params=row_params(cfg), columns=columns, plans=plans, files=files)
     splits = write_splits(by_user, spec)
     run.cache.release()
-    run.stages.done("shards", "; ".join(f"{n} {len(s['files'])} files, {sum(f['row_groups'] for f in s['files'])} row groups" for n, s in splits.items()))
-    manifest = _manifest(run, raw, section, splits, num_users, num_items, t0)
-    storage.write_bytes(schema.join(run.tmp, schema.MANIFEST_FILE), (json.dumps(manifest, indent=2) + "\n").encode())
+    run.stages.done(
+        "shards",
+        "; ".join(
+            f"{n} {len(s['files'])} files, {sum(f['row_groups'] for f in s['files'])} row groups"
+            for n, s in splits.items()
+        ),
+    )
+    manifest = report.manifest(
+        cfg, run.counts, raw.path, section, splits, num_users, num_items, run.spark.version, t0
+    )
+    storage.write_bytes(
+        schema.join(run.tmp, schema.MANIFEST_FILE), (json.dumps(manifest, indent=2) + "\n").encode()
+    )
     run.stages.done("manifest", "written")
     return manifest
 
@@ -296,14 +273,22 @@ def _build(run: _Run, t0: float) -> dict[str, Any]:
 def row_params(cfg: PrepareConfig) -> RowParams:
     sp = cfg.split
     return RowParams(
-        kind=sp.kind, max_len=sp.max_len, sliding_window=sp.sliding_window, stride=sp.window_stride or sp.max_len,
-        min_user_events=cfg.filters.min_user_events, valid_time=sp.valid_time or 0, test_time=sp.test_time or 0,
+        kind=sp.kind,
+        max_len=sp.max_len,
+        sliding_window=sp.sliding_window,
+        stride=sp.window_stride or sp.max_len,
+        min_user_events=cfg.filters.min_user_events,
+        valid_time=sp.valid_time or 0,
+        test_time=sp.test_time or 0,
     )
 
 
 def preflight(cfg: PrepareConfig) -> None:
     """Fail fast, before starting Spark, when a local input path does not exist."""
-    for key, path in (("prepare.input.path", cfg.input.path), ("prepare.input.item_features_path", cfg.input.item_features_path)):
+    for key, path in (
+        ("prepare.input.path", cfg.input.path),
+        ("prepare.input.item_features_path", cfg.input.item_features_path),
+    ):
         if path and "://" not in path and not glob.glob(path):
             raise InputDataError(f"{key} path {path} does not exist")
 
@@ -333,33 +318,8 @@ def run_prepare(cfg: PrepareConfig, spark: SparkSession | None = None) -> dict[s
         run.cache.release()
         if own:
             spark.stop()
-    print(format_summary(manifest, out.output))
+    print(report.format_summary(manifest, out.output))
     return {**manifest, "output": out.output}
-
-
-def _nonzero(by_reason: dict) -> str:
-    parts = [f"{r} {c:,}" for r, c in by_reason.items() if r is not None and c]
-    return ", ".join(parts) or "none"
-
-
-def format_summary(m: dict[str, Any], output: str) -> str:
-    """The table that ends a run."""
-    s = m["stats"]
-    lines = [
-        f"seqrec prepare: {m['dataset']} -> {output} ({m['elapsed_s']:.1f} s, Spark {m['spark_version']})",
-        f"  {'events in':<14}{s['events_in']:>14,}",
-        f"  {'kept':<14}{s['kept']:>14,}",
-        f"  {'quarantined':<14}{s['quarantined']:>14,}  {_nonzero(m['quarantine'])}",
-        f"  {'duplicates':<14}{s['duplicates']:>14,}",
-        f"  {'filtered':<14}{s['filtered']:>14,}  {_nonzero(m['filtered'])}",
-        f"  {'users':<14}{s['users']:>14,}",
-        f"  {'items':<14}{s['items']:>14,}",
-        f"  {'split':<14}{'rows':>14}{'tokens':>14}{'files':>7}{'row groups':>12}",
-    ]
-    for name, sp in m["splits"].items():
-        groups = sum(f["row_groups"] for f in sp["files"])
-        lines.append(f"  {name:<14}{sp['rows']:>14,}{sp['tokens']:>14,}{len(sp['files']):>7}{groups:>12}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,12 +348,20 @@ def ship_code(spark: SparkSession) -> None:
 
 
 def main(argv: list[str] | None = None, session_factory: Callable[[], SparkSession] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="build_sequences.py", description="Build sequence shards (spark-submit entry point).")
+    parser = argparse.ArgumentParser(
+        prog="build_sequences.py", description="Build sequence shards (spark-submit entry point)."
+    )
     parser.add_argument("--config", "-c", help="TOML run config (its [prepare] section is used)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
     try:
         cfg = load_config(args.config, args.overrides)
         preflight(cfg.prepare)

@@ -1,14 +1,15 @@
-"""Event filters (`prepare.filters`), applied to deduplicated good events in this order:
+"""Event filters (`prepare.filters`) that run in Spark, in this order, after validation:
 
-    min_rating        rating < filters.min_rating, or no rating        (row-wise)
-    actions           action not in filters.actions                    (row-wise)
+    min_rating        rating < filters.min_rating, or no rating          (row-wise)
+    actions           action not in filters.actions                      (row-wise)
     time_window       ts outside [filters.start_time, filters.end_time)  (row-wise)
+    (exact duplicates are removed here, after the row filters)
     min_item_events   items with fewer events than filters.min_item_events (one pass)
     k_core            iterative k-core: repeat until every user and item has >= k events
-    min_user_events   users with fewer events (applied with the split, see sequences.py)
 
-A row-wise filter takes the first failing reason in the order above. Every removed event is counted
-under its reason; nothing is dropped silently.
+A row-wise filter takes the first failing reason in the order above. `min_user_events` and the
+split's own requirements are per-user rules applied later (spark_jobs/rows.py). Every removed
+event is counted under its reason; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def min_item_events(events: DataFrame, min_count: int) -> DataFrame:
     return events.join(_frequent_items(events, min_count), "item", "left_semi")
 
 
-def k_core(events: DataFrame, k: int, num_events: int, persist: Callable[[DataFrame], DataFrame]) -> tuple[DataFrame, int, int]:
+def k_core(
+    events: DataFrame, k: int, num_events: int, persist: Callable[[DataFrame], DataFrame]
+) -> tuple[DataFrame, int, int]:
     """Iterative k-core: (events left, their count, rounds). Each round's result is persisted."""
     current, n, rounds = events, num_events, 0
     while True:

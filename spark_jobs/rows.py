@@ -98,15 +98,29 @@ def _ends(n_U: np.ndarray, cv_U: np.ndarray, ct_U: np.ndarray, kind: str) -> dic
             "valid": np.where((ct_U > cv_U) & (cv_U >= 1), cv_U + 1, 0),
             "test": np.where((n_U > ct_U) & (ct_U >= 1), ct_U + 1, 0),
         }
-    return {"train": np.where(n_U >= 4, n_U - 2, 0), "valid": np.where(n_U >= 3, n_U - 1, 0), "test": np.where(n_U >= 3, n_U, 0)}
+    return {
+        "train": np.where(n_U >= 4, n_U - 2, 0),
+        "valid": np.where(n_U >= 3, n_U - 1, 0),
+        "test": np.where(n_U >= 3, n_U, 0),
+    }
 
 
-def analyze(new_user_E: np.ndarray, ts_E: np.ndarray, row_E: np.ndarray, keys: list[np.ndarray], p: RowParams) -> Analysis:
+def analyze(
+    new_user_E: np.ndarray, ts_E: np.ndarray, row_E: np.ndarray, keys: list[np.ndarray], p: RowParams
+) -> Analysis:
     """Steps 1-4 of the module docstring for one block. `new_user_E` marks each user's first event;
     `keys` are the event's content codes besides the timestamp (item, action, rating, context)."""
     if len(ts_E) == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return Analysis(new_user_E, new_user_E, new_user_E, dict.fromkeys(USER_REASONS, 0), empty, {s: empty for s in SPLITS}, empty)
+        return Analysis(
+            new_user_E,
+            new_user_E,
+            new_user_E,
+            dict.fromkeys(USER_REASONS, 0),
+            empty,
+            {s: empty for s in SPLITS},
+            empty,
+        )
     user_E = np.cumsum(new_user_E) - 1
     new_group_E = new_user_E.copy()
     new_group_E[1:] |= ts_E[1:] != ts_E[:-1]
@@ -124,7 +138,9 @@ def analyze(new_user_E: np.ndarray, ts_E: np.ndarray, row_E: np.ndarray, keys: l
     # position among the user's live events (1-based)
     live_before = np.cumsum(live_E) - live_E
     pos_E = live_before - live_before[_starts(new_user_E)][user_E] + 1
-    user_reason_E = np.where(~enough_U[user_E], 0, np.where(last_U[user_E] == 0, 1, np.where(pos_E > last_U[user_E], 2, -1)))
+    user_reason_E = np.where(
+        ~enough_U[user_E], 0, np.where(last_U[user_E] == 0, 1, np.where(pos_E > last_U[user_E], 2, -1))
+    )
     kept_E = live_E & (user_reason_E < 0)
     counts = np.bincount(user_reason_E[live_E & (user_reason_E >= 0)], minlength=3)
     train_limit_U = n_U - 2 if p.kind != "time" else cv_U
@@ -142,11 +158,17 @@ def analyze(new_user_E: np.ndarray, ts_E: np.ndarray, row_E: np.ndarray, keys: l
     )
 
 
-def windows(end_U: np.ndarray, p: RowParams, sliding: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def windows(
+    end_U: np.ndarray, p: RowParams, sliding: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(user index, window index k, start, length) of every row; users in order, windows oldest first."""
     w = p.width
     has_U = end_U >= 2
-    count_U = np.where(has_U, 1 + (np.maximum(end_U - w, 0) + p.stride - 1) // p.stride, 0) if sliding else has_U.astype(np.int64)
+    count_U = (
+        np.where(has_U, 1 + (np.maximum(end_U - w, 0) + p.stride - 1) // p.stride, 0)
+        if sliding
+        else has_U.astype(np.int64)
+    )
     user_R = np.repeat(np.arange(len(end_U)), count_U)
     k_R = np.arange(len(user_R)) - np.repeat(np.cumsum(count_U) - count_U, count_U)
     stop_R = end_U[user_R] - (count_U[user_R] - 1 - k_R) * p.stride
@@ -158,7 +180,14 @@ def num_rows(a: Analysis, p: RowParams) -> dict[str, int]:
     return {s: len(windows(a.ends[s], p, p.sliding_window and s == "train")[0]) for s in SPLITS}
 
 
-def gather(values_E: np.ndarray, offset_U: np.ndarray, user_R: np.ndarray, start_R: np.ndarray, len_R: np.ndarray, width: int) -> np.ndarray:
+def gather(
+    values_E: np.ndarray,
+    offset_U: np.ndarray,
+    user_R: np.ndarray,
+    start_R: np.ndarray,
+    len_R: np.ndarray,
+    width: int,
+) -> np.ndarray:
     """(R x W) matrix: row r holds values_E[offset[user] + start : + len], left-padded with 0."""
     out_RW = np.zeros((len(user_R), width), dtype=values_E.dtype)
     total = int(len_R.sum())
@@ -170,7 +199,9 @@ def gather(values_E: np.ndarray, offset_U: np.ndarray, user_R: np.ndarray, start
     return out_RW
 
 
-def build_rows(a: Analysis, kept_columns: dict[str, np.ndarray], p: RowParams) -> dict[str, dict[str, np.ndarray]]:
+def build_rows(
+    a: Analysis, kept_columns: dict[str, np.ndarray], p: RowParams
+) -> dict[str, dict[str, np.ndarray]]:
     """{split: {"user": kept-user index per row, "length", "<col>": (R x W) matrix}} from the kept
     events' columns (`ts`, `item`, event features), users contiguous, each user's events in order."""
     out: dict[str, dict[str, np.ndarray]] = {}

@@ -63,6 +63,7 @@ def get_spark(
 
 def configure(spark: SparkSession, shuffle_partitions: int) -> None:
     """Apply the job's runtime settings to a session it did not create (spark-submit, tests)."""
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     spark.conf.set("spark.sql.shuffle.partitions", str(shuffle_partitions))
     for key, value in RUNTIME_CONF.items():
         spark.conf.set(key, value)

@@ -24,7 +24,14 @@ from spark_jobs.tasks import Block, Columns, as_strings, partition_id, user_bloc
 STATS_SCHEMA = "file int, path string, rows long, tokens long, row_groups int, sha256 string"
 """What the writer returns per file (Spark DDL)."""
 _STATS_ARROW = pa.schema(
-    [("file", pa.int32()), ("path", pa.string()), ("rows", pa.int64()), ("tokens", pa.int64()), ("row_groups", pa.int32()), ("sha256", pa.string())]
+    [
+        ("file", pa.int32()),
+        ("path", pa.string()),
+        ("rows", pa.int64()),
+        ("tokens", pa.int64()),
+        ("row_groups", pa.int32()),
+        ("sha256", pa.string()),
+    ]
 )
 
 
@@ -89,10 +96,18 @@ class _FileWriter:
     def close(self) -> dict:
         self.writer.close()
         if self.written != self.plan.rows or self.buffered:
-            raise RuntimeError(f"{self.uri}: wrote {self.written} rows (+{self.buffered} left), planned {self.plan.rows}")
+            raise RuntimeError(
+                f"{self.uri}: wrote {self.written} rows (+{self.buffered} left), planned {self.plan.rows}"
+            )
         row_groups = self.group
-        return {"file": self.index, "path": self.plan.path, "rows": self.written, "tokens": self.tokens,
-                "row_groups": row_groups, "sha256": storage.sha256(self.uri)}
+        return {
+            "file": self.index,
+            "path": self.plan.path,
+            "rows": self.written,
+            "tokens": self.tokens,
+            "row_groups": row_groups,
+            "sha256": storage.sha256(self.uri),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +162,9 @@ class _TaskWriter:
     def __init__(self, spec: WriteSpec, partition: int) -> None:
         self.spec = spec
         self.writers = {
-            split: _FileWriter(index, spec.plans[index], spec.root, arrow_schema(spec.event_features, split != "train"))
+            split: _FileWriter(
+                index, spec.plans[index], spec.root, arrow_schema(spec.event_features, split != "train")
+            )
             for split, index in spec.files.get(partition, {}).items()
         }
         self.partition = partition
@@ -164,7 +181,9 @@ class _TaskWriter:
             rows = built[split]
             if len(rows["user"]):
                 if split not in self.writers:
-                    raise RuntimeError(f"partition {self.partition}: {split} rows, but no {split} file was planned")
+                    raise RuntimeError(
+                        f"partition {self.partition}: {split} rows, but no {split} file was planned"
+                    )
                 self.writers[split].add(_split_table(rows, users, split, spec.event_features))
 
     def finish(self) -> list[dict]:

@@ -9,6 +9,8 @@ FileSystem in the JVM (`OutputDir`), the same one Spark uses for reading and the
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -78,20 +80,34 @@ def sha256(uri: str, chunk_bytes: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _remove_stale_temps(parent: Path, name: str) -> None:
+    """Delete temp folders of earlier local runs that were killed (their process no longer exists)."""
+    for tmp in parent.glob(f".{name}.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 class OutputDir:
     """The output folder and its temporary sibling; `commit` swaps the finished temp folder in.
 
-    The temp folder `.<name>.tmp-<id>` lives next to the output. A run that fails or is killed
-    leaves at most that hidden folder (no manifest at the output path); an existing output is moved
-    aside only after the new folder is complete, then deleted.
+    The temp folder `.<name>.tmp-<pid>-<id>` lives next to the output. A run that fails removes it;
+    one that is killed leaves only that hidden folder (nothing at the output path changes), which
+    the next local run removes. An existing output is moved aside only after the new folder is
+    complete, then deleted.
     """
 
     def __init__(self, spark: object, output: str) -> None:
         self.output = absolute(output).rstrip("/")
         parent, name = self.output.rsplit("/", 1)
-        run = uuid.uuid4().hex[:12]
+        run = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp = f"{parent}/.{name}.tmp-{run}"
         self._old = f"{parent}/.{name}.old-{run}"
+        if "://" not in self.output:
+            _remove_stale_temps(Path(parent), name)
         jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
         self._path = jvm.org.apache.hadoop.fs.Path
         self._fs = self._path(self.output).getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())  # type: ignore[attr-defined]

@@ -23,7 +23,15 @@ from spark_jobs.rows import SPLITS, USER_REASONS, Analysis, RowParams, analyze, 
 
 STATS_SCHEMA = "partition int, kind string, key string, count long, train long"
 """Stats pass output (Spark DDL): kind `stat` (key: counter name, per partition) or `value:<feature>`."""
-_STATS_ARROW = pa.schema([("partition", pa.int32()), ("kind", pa.string()), ("key", pa.string()), ("count", pa.int64()), ("train", pa.int64())])
+_STATS_ARROW = pa.schema(
+    [
+        ("partition", pa.int32()),
+        ("kind", pa.string()),
+        ("key", pa.string()),
+        ("count", pa.int64()),
+        ("train", pa.int64()),
+    ]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +61,11 @@ def _codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if pa.types.is_floating(column.type):
         values = np.asarray(pc.fill_null(column, np.nan), dtype=np.float64)
         return np.where(np.isnan(values), np.iinfo(np.int64).min, values.view(np.int64))
-    encoded = pc.dictionary_encode(column).combine_chunks() if isinstance(column, pa.ChunkedArray) else pc.dictionary_encode(column)
+    encoded = (
+        pc.dictionary_encode(column).combine_chunks()
+        if isinstance(column, pa.ChunkedArray)
+        else pc.dictionary_encode(column)
+    )
     return np.asarray(pc.fill_null(encoded.indices, -1), dtype=np.int64)
 
 
@@ -106,8 +118,15 @@ def partition_id() -> int:
 
 
 def _value_counts(values: pa.ChunkedArray, train: np.ndarray | None) -> pa.Table:
-    table = pa.table({"key": as_strings(values), "count": pa.array(np.ones(len(values), dtype=np.int64)),
-                      "train": pa.array(train.astype(np.int64) if train is not None else np.zeros(len(values), np.int64))})
+    table = pa.table(
+        {
+            "key": as_strings(values),
+            "count": pa.array(np.ones(len(values), dtype=np.int64)),
+            "train": pa.array(
+                train.astype(np.int64) if train is not None else np.zeros(len(values), np.int64)
+            ),
+        }
+    )
     return table.group_by("key").aggregate([("count", "sum"), ("train", "sum")])
 
 
@@ -115,7 +134,9 @@ def stats_pass(cols: Columns, p: RowParams) -> Callable[[Iterator[pa.RecordBatch
     """The mapInArrow function of the counting pass."""
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        stats = dict.fromkeys(["events", "duplicates", "kept", "users", *USER_REASONS, *(f"rows_{s}" for s in SPLITS)], 0)
+        stats = dict.fromkeys(
+            ["events", "duplicates", "kept", "users", *USER_REASONS, *(f"rows_{s}" for s in SPLITS)], 0
+        )
         values: dict[str, list[pa.Table]] = {f: [] for f in cols.features}
         for block in user_blocks(batches, cols, p):
             a = block.analysis
@@ -132,16 +153,27 @@ def stats_pass(cols: Columns, p: RowParams) -> Callable[[Iterator[pa.RecordBatch
                 train = a.train_E[a.kept_E] if feature == "item" else None
                 values[feature].append(_value_counts(kept.column(column), train))
         part = partition_id()
-        out = [{"partition": part, "kind": "stat", "key": k, "count": v, "train": 0} for k, v in stats.items()]
+        out = [
+            {"partition": part, "kind": "stat", "key": k, "count": v, "train": 0} for k, v in stats.items()
+        ]
         yield pa.RecordBatch.from_pylist(out, schema=_STATS_ARROW)
         for feature, tables in values.items():
             if not tables:
                 continue
-            merged = pa.concat_tables(tables).group_by("key").aggregate([("count_sum", "sum"), ("train_sum", "sum")])
+            merged = (
+                pa.concat_tables(tables)
+                .group_by("key")
+                .aggregate([("count_sum", "sum"), ("train_sum", "sum")])
+            )
             n = merged.num_rows
             yield pa.RecordBatch.from_arrays(
-                [pa.array(np.full(n, part, np.int32)), pa.array([f"value:{feature}"] * n), merged.column("key").cast(pa.string()).combine_chunks(),
-                 merged.column("count_sum_sum").combine_chunks(), merged.column("train_sum_sum").combine_chunks()],
+                [
+                    pa.array(np.full(n, part, np.int32)),
+                    pa.array([f"value:{feature}"] * n),
+                    merged.column("key").cast(pa.string()).combine_chunks(),
+                    merged.column("count_sum_sum").combine_chunks(),
+                    merged.column("train_sum_sum").combine_chunks(),
+                ],
                 schema=_STATS_ARROW,
             )
 

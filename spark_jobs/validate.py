@@ -13,9 +13,12 @@ Each raw row gets the first failing reason of `QUARANTINE_REASONS` (in that orde
     unknown_action        action not in input.valid_actions (when that list is non-empty)
 
 A null rating is allowed (it only fails `filters.min_rating`); a null context value maps to the
-unknown id. Rows with a reason go to `<output>/quarantine/` with their original values as strings.
+unknown id. Rows with a reason go to `<output>/quarantine/` with their original values as strings
+and their input position `input_row`.
+
 Exact duplicates (same user, item, parsed time, action, rating and context values) keep the first
-occurrence in input order and are counted.
+occurrence in input order and are counted; they are found per user (spark_jobs/rows.py), or here
+(`deduplicate`) when item-count filters need duplicate-free counts first.
 """
 
 from __future__ import annotations
@@ -92,12 +95,18 @@ def parse_events(raw: RawEvents, inp: InputConfig) -> DataFrame:
     for role in roles:
         if role in ("timestamp", "rating"):
             continue
-        text = _as_text(F.col(role_column(role)), types[role_column(role)], keep_ints=role in ("user", "item"))
+        text = _as_text(
+            F.col(role_column(role)), types[role_column(role)], keep_ints=role in ("user", "item")
+        )
         clean.append(text.alias(_clean_name(role)))
     if inp.timestamp_format == "order":
         clean.append(F.col(ROW).cast("double").alias("_s"))
     else:
-        clean.append(_seconds(F.col(role_column("timestamp")), types[role_column("timestamp")], inp.timestamp_format).alias("_s"))
+        clean.append(
+            _seconds(
+                F.col(role_column("timestamp")), types[role_column("timestamp")], inp.timestamp_format
+            ).alias("_s")
+        )
     if "rating" in roles:
         clean.append(_as_number(F.col(role_column("rating")), types[role_column("rating")]).alias("rating"))
     # A second projection: the checks below reuse these values instead of recomputing them.
@@ -107,7 +116,10 @@ def parse_events(raw: RawEvents, inp: InputConfig) -> DataFrame:
     checks: list[tuple[str, Column]] = []
     if CORRUPT in df.columns:
         checks.append(("malformed_row", F.col(CORRUPT).isNotNull()))
-    checks += [("missing_user", _blank(F.col("user"), types[role_column("user")])), ("missing_item", _blank(F.col("item"), types[role_column("item")]))]
+    checks += [
+        ("missing_user", _blank(F.col("user"), types[role_column("user")])),
+        ("missing_item", _blank(F.col("item"), types[role_column("item")])),
+    ]
     if "timestamp" in roles:
         raw_ts = F.col(role_column("timestamp"))
         ts_type = types[role_column("timestamp")]
@@ -116,7 +128,9 @@ def parse_events(raw: RawEvents, inp: InputConfig) -> DataFrame:
     checks.append(("impossible_timestamp", ~in_range))
     if "rating" in roles:
         rating = F.col("rating")
-        bad = F.col(role_column("rating")).isNotNull() & (rating.isNull() | F.isnan(rating) | ~_finite(rating))
+        bad = F.col(role_column("rating")).isNotNull() & (
+            rating.isNull() | F.isnan(rating) | ~_finite(rating)
+        )
         checks.append(("bad_rating", bad))
     if "action" in roles:
         checks.append(("missing_action", _blank(F.col("action"), types[role_column("action")])))

@@ -65,7 +65,10 @@ class Vocab:
 
 def build_vocab(feature: str, counts: dict[str | None, int], min_count: int) -> Vocab:
     """Ids by descending count, then value ascending; values under `min_count` map to <unk>."""
-    kept = sorted(((v, c) for v, c in counts.items() if v is not None and c >= min_count), key=lambda vc: (-vc[1], vc[0]))
+    kept = sorted(
+        ((v, c) for v, c in counts.items() if v is not None and c >= min_count),
+        key=lambda vc: (-vc[1], vc[0]),
+    )
     unk = sum(c for v, c in counts.items() if v is None or c < min_count)  # null values map to <unk> too
     return Vocab(feature, [v for v, _ in kept], [c for _, c in kept], unk)
 
@@ -105,7 +108,10 @@ def _dedupe_items(items: pd.DataFrame) -> pd.DataFrame:
     """Index by item; an item table listing an item twice keeps its first row in value order."""
     duplicated = items["item"].duplicated()
     if duplicated.any():
-        log.warning("item table: %d duplicate rows for the same item ignored (first in value order kept)", int(duplicated.sum()))
+        log.warning(
+            "item table: %d duplicate rows for the same item ignored (first in value order kept)",
+            int(duplicated.sum()),
+        )
         keyed = items.assign(_k=items.drop(columns="item").astype(str).agg("\x1f".join, axis=1))
         items = keyed.sort_values(["item", "_k"], kind="mergesort").drop_duplicates("item").drop(columns="_k")
     return items.set_index("item")
@@ -174,7 +180,12 @@ def item_features(
     present = rows["_present"].notna().to_numpy()
     for f in multi:
         capped = [_cap(v, max_values_per_item) for v in rows[f]]
-        vocab = make_vocab(f, _multi_counts(pd.Series([c for c, p in zip(capped, present, strict=True) if p], dtype=object)), min_count, reuse)
+        vocab = make_vocab(
+            f,
+            _multi_counts(pd.Series([c for c, p in zip(capped, present, strict=True) if p], dtype=object)),
+            min_count,
+            reuse,
+        )
         ids = vocab.ids()
         width = max([1, *map(len, capped)])
         lists = [[schema.PAD_ID] * width, [schema.UNK_ID] + [schema.PAD_ID] * (width - 1)]
@@ -188,5 +199,3 @@ def item_features(
 
 def write_item_features(table: pa.Table, root: str) -> None:
     storage.write_table(table, schema.join(root, schema.ITEM_FEATURES_FILE))
-
-

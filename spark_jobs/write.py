@@ -90,10 +90,14 @@ def sort_by_user(events: DataFrame, group_of: list[int]) -> DataFrame:
     return events.repartition(num_groups, pkey).sortWithinPartitions("user", "ts", ROW)
 
 
-def collect_stats(events: DataFrame, columns: Columns, params: RowParams) -> tuple[dict[int, dict[str, int]], dict[str, dict]]:
+def collect_stats(
+    events: DataFrame, columns: Columns, params: RowParams
+) -> tuple[dict[int, dict[str, int]], dict[str, dict]]:
     """Run the stats pass: ({partition: {counter: n}}, {feature: {value: (count, train count)}})."""
     stats = events.mapInArrow(stats_pass(columns, params), STATS_SCHEMA)
-    merged = stats.groupBy(F.when(F.col("kind") == "stat", F.col("partition")).otherwise(-1).alias("p"), "kind", "key")
+    merged = stats.groupBy(
+        F.when(F.col("kind") == "stat", F.col("partition")).otherwise(-1).alias("p"), "kind", "key"
+    )
     per_partition: dict[int, dict[str, int]] = defaultdict(dict)
     values: dict[str, dict] = {f: {} for f in columns.features}
     for r in merged.agg(F.sum("count").alias("count"), F.sum("train").alias("train")).collect():
@@ -114,12 +118,19 @@ def row_groups(file_rows: list[int], cfg: ShardConfig, split: str) -> list[list[
         )
     groups = [max(1, math.ceil(r / cfg.row_group_rows)) for r in file_rows]
     while sum(groups) < cfg.max_world_size:
-        f = max((i for i in range(len(groups)) if groups[i] < file_rows[i]), key=lambda i: (file_rows[i] / groups[i], -i))
+        f = max(
+            (i for i in range(len(groups)) if groups[i] < file_rows[i]),
+            key=lambda i: (file_rows[i] / groups[i], -i),
+        )
         groups[f] += 1
-    return [[r // g + (1 if i < r % g else 0) for i in range(g)] for r, g in zip(file_rows, groups, strict=True)]
+    return [
+        [r // g + (1 if i < r % g else 0) for i in range(g)] for r, g in zip(file_rows, groups, strict=True)
+    ]
 
 
-def plan_files(rows: dict[int, dict[str, int]], cfg: ShardConfig) -> tuple[list[FilePlan], dict[int, dict[str, int]]]:
+def plan_files(
+    rows: dict[int, dict[str, int]], cfg: ShardConfig
+) -> tuple[list[FilePlan], dict[int, dict[str, int]]]:
     """All files of all splits (index = position) and, per partition, its file index per split.
 
     `rows`: {partition: {split: rows}}.
@@ -143,6 +154,14 @@ def write_splits(events: DataFrame, spec: WriteSpec) -> dict[str, dict]:
         raise RuntimeError(f"shard writer reported files {sorted(by_file)}, planned {len(spec.plans)}")
     out: dict[str, dict] = {}
     for name in SPLITS:
-        files = [{k: by_file[i][k] for k in ("path", "rows", "tokens", "row_groups", "sha256")} for i, p in enumerate(spec.plans) if p.split == name]
-        out[name] = {"files": files, "rows": sum(f["rows"] for f in files), "tokens": sum(f["tokens"] for f in files)}
+        files = [
+            {k: by_file[i][k] for k in ("path", "rows", "tokens", "row_groups", "sha256")}
+            for i, p in enumerate(spec.plans)
+            if p.split == name
+        ]
+        out[name] = {
+            "files": files,
+            "rows": sum(f["rows"] for f in files),
+            "tokens": sum(f["tokens"] for f in files),
+        }
     return out

@@ -19,7 +19,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from seqrec.config import ColumnsConfig, FilterConfig, InputConfig, PrepareConfig, ShardConfig, SplitConfig
+from seqrec.config import (
+    ColumnsConfig,
+    FilterConfig,
+    InputConfig,
+    PrepareConfig,
+    RunConfig,
+    ShardConfig,
+    SplitConfig,
+    validate,
+)
 
 KNOWN = [
     ("a", 1, 100, "view"),
@@ -72,10 +81,14 @@ def write_known(root: Path, rows_per_file: int = 9) -> tuple[Path, Path]:
     return events, items
 
 
-def config(events: Path | str, output: Path | str, items: Path | str = "", **sections: object) -> PrepareConfig:
+def config(
+    events: Path | str, output: Path | str, items: Path | str = "", **sections: object
+) -> PrepareConfig:
     """A small PrepareConfig: 2 files per split, world size 1, tiny row groups, 2 shuffle partitions."""
     cfg = PrepareConfig(
-        input=InputConfig(path=str(events), item_features_path=str(items), item_single_features=[], valid_actions=[]),
+        input=InputConfig(
+            path=str(events), item_features_path=str(items), item_single_features=[], valid_actions=[]
+        ),
         filters=FilterConfig(min_user_events=1),
         split=SplitConfig(max_len=3),
         shards=ShardConfig(files_per_split=2, max_world_size=1, row_group_rows=2),
@@ -83,9 +96,11 @@ def config(events: Path | str, output: Path | str, items: Path | str = "", **sec
         dataset_name="test",
         shuffle_partitions=2,
     )
-    for key, value in sections.items():
+    for key, value in sections.items():  # input__format="csv" sets cfg.input.format
         section, _, name = key.partition("__")
-        setattr(getattr(cfg, section), name, value) if name else setattr(cfg, section, value)
+        target, attr = (getattr(cfg, section), name) if name else (cfg, section)
+        setattr(target, attr, value)
+    validate(RunConfig(prepare=cfg))  # the same rules as a TOML file
     return cfg
 
 

@@ -39,7 +39,15 @@ def row(length, item, ts, action, target=None) -> dict:
 def loo(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("known")
     events, items = write_known(root)
-    cfg = config(events, root / "loo", items, filters__k_core=2, input__item_single_features=["category"], input__item_multi_features=["tags"], input__max_values_per_item=2)
+    cfg = config(
+        events,
+        root / "loo",
+        items,
+        filters__k_core=2,
+        input__item_single_features=["category"],
+        input__item_multi_features=["tags"],
+        input__max_values_per_item=2,
+    )
     return run_prepare(cfg, spark), root / "loo"
 
 
@@ -47,13 +55,29 @@ def loo(spark, tmp_path_factory):
 def timecut(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("known_time")
     events, _ = write_known(root)
-    cfg = config(events, root / "time", split__kind="time", split__valid_time=300, split__test_time=450, split__max_len=2, split__sliding_window=True)
+    cfg = config(
+        events,
+        root / "time",
+        split__kind="time",
+        split__valid_time=300,
+        split__test_time=450,
+        split__max_len=2,
+        split__sliding_window=True,
+    )
     return run_prepare(cfg, spark), root / "time"
 
 
 def test_loo_counts_add_up(loo):
     m, _ = loo
-    assert m["stats"] == {"events_in": 17, "kept": 11, "quarantined": 0, "duplicates": 1, "filtered": 5, "users": 2, "items": 3}
+    assert m["stats"] == {
+        "events_in": 17,
+        "kept": 11,
+        "quarantined": 0,
+        "duplicates": 1,
+        "filtered": 5,
+        "users": 2,
+        "items": 3,
+    }
     assert {k: v for k, v in m["filtered"].items() if v} == {"k_core": 3, "too_short": 2}
     assert sum(m["quarantine"].values()) == 0
 
@@ -62,7 +86,13 @@ def test_loo_vocabularies_by_count_then_value(loo):
     _, out = loo
     # items 1 and 2 both have 4 kept events: value order breaks the tie
     assert vocab(out, "item") == [(0, "<pad>", 0), (1, "<unk>", 0), (2, "1", 4), (3, "2", 4), (4, "3", 3)]
-    assert vocab(out, "action") == [(0, "<pad>", 0), (1, "<unk>", 0), (2, "view", 8), (3, "click", 2), (4, "like", 1)]
+    assert vocab(out, "action") == [
+        (0, "<pad>", 0),
+        (1, "<unk>", 0),
+        (2, "view", 8),
+        (3, "click", 2),
+        (4, "like", 1),
+    ]
     assert vocab(out, "category") == [(0, "<pad>", 0), (1, "<unk>", 0), (2, "x", 2), (3, "y", 1)]
     assert vocab(out, "tags") == [(0, "<pad>", 0), (1, "<unk>", 0), (2, "q", 2), (3, "p", 1)]
 
@@ -116,8 +146,14 @@ def test_time_split_windows_and_unused_events(timecut):
     assert [v[1] for v in vocab(out, "item")] == ["<pad>", "<unk>", "1", "2", "3", "4", "9"]
     train = read_split(out, "train")
     # a's training prefix (ts < 300): 3 1 2 1 4 -> windows of 3, stride 2, oldest first
-    assert train["a"] == [row(3, [4, 2, 3], [50, 100, 100], [2, 2, 3]), row(3, [3, 2, 5], [100, 100, 200], [3, 3, 2])]
-    assert train["b"] == [row(2, [0, 3, 2], [0, 10, 10], [0, 2, 2]), row(3, [2, 4, 6], [10, 20, 30], [2, 2, 2])]
+    assert train["a"] == [
+        row(3, [4, 2, 3], [50, 100, 100], [2, 2, 3]),
+        row(3, [3, 2, 5], [100, 100, 200], [3, 3, 2]),
+    ]
+    assert train["b"] == [
+        row(2, [0, 3, 2], [0, 10, 10], [0, 2, 2]),
+        row(3, [2, 4, 6], [10, 20, 30], [2, 2, 2]),
+    ]
     assert train["c"] == [row(2, [0, 2, 3], [0, 5, 6], [0, 2, 2])]
     # valid target: a's first event at/after 300; test target: first at/after 450 (history keeps 300, 400)
     assert read_split(out, "valid") == {"a": [row(3, [2, 5, 3], [100, 200, 300], [3, 2, 2], target=3)]}
@@ -132,14 +168,24 @@ def reused(spark, loo, tmp_path_factory):
     """KNOWN again without k-core, reusing the vocabularies of `loo` (items 4 and 9 are new there)."""
     root = tmp_path_factory.mktemp("reuse")
     events, items = write_known(root)
-    cfg = config(events, root / "out", items, reuse_vocab=str(loo[1]), input__item_single_features=["category"], input__item_multi_features=["tags"], input__max_values_per_item=2)
+    cfg = config(
+        events,
+        root / "out",
+        items,
+        reuse_vocab=str(loo[1]),
+        input__item_single_features=["category"],
+        input__item_multi_features=["tags"],
+        input__max_values_per_item=2,
+    )
     return run_prepare(cfg, spark), cfg, root / "out"
 
 
 def test_reused_vocabularies_map_unseen_values_to_unknown(reused, loo):
     m, _, out = reused
     for name in ("item", "action", "category", "tags"):
-        assert (out / "vocab" / f"{name}.parquet").read_bytes() == (loo[1] / "vocab" / f"{name}.parquet").read_bytes()
+        assert (out / "vocab" / f"{name}.parquet").read_bytes() == (
+            loo[1] / "vocab" / f"{name}.parquet"
+        ).read_bytes()
     assert m["features"]["item"]["num_embeddings"] == 5
     test = read_split(out, "test")
     assert test["a"][0]["item"] == [3, 4, 2, 3]
@@ -152,6 +198,9 @@ def test_failed_run_leaves_the_old_output_untouched(spark, reused, monkeypatch):
 
     m, cfg, out = reused
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    killed = out.parent / ".out.tmp-999999999-0dead"  # left by a killed run (its pid is gone)
+    killed.mkdir()
+    (killed / schema.MANIFEST_FILE).write_text("{}")
 
     def fail(tmp: str) -> None:
         # the new output is complete in its hidden temp folder; the output path still shows the old one
@@ -163,4 +212,6 @@ def test_failed_run_leaves_the_old_output_untouched(spark, reused, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         run_prepare(cfg, spark)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+    assert [
+        p.name for p in out.parent.iterdir() if p.name.startswith(".")
+    ] == []  # killed run's temp removed too

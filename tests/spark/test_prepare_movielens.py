@@ -38,7 +38,15 @@ def _genres(out, item: str) -> set[str]:
 
 def test_movielens_100k(spark, tmp_path):
     m, manifest = _prepare(spark, "movielens-100k", tmp_path)
-    assert m["stats"] == {"events_in": 100_000, "kept": 100_000, "quarantined": 0, "duplicates": 0, "filtered": 0, "users": 943, "items": 1_682}
+    assert m["stats"] == {
+        "events_in": 100_000,
+        "kept": 100_000,
+        "quarantined": 0,
+        "duplicates": 0,
+        "filtered": 0,
+        "users": 943,
+        "items": 1_682,
+    }
     assert manifest.rows("test") == manifest.rows("valid") == manifest.rows("train") == 943
     assert m["features"]["genres"] == {"kind": "item_multi", "num_embeddings": 19 + 2, "max_values": 6}
     assert _genres(manifest.root, "1") == {"Animation", "Children's", "Comedy"}  # Toy Story
@@ -47,18 +55,82 @@ def test_movielens_100k(spark, tmp_path):
 
 def test_movielens_latest_small(spark, tmp_path):
     m, manifest = _prepare(spark, "movielens-latest-small", tmp_path)
-    assert m["stats"] == {"events_in": 100_836, "kept": 100_836, "quarantined": 0, "duplicates": 0, "filtered": 0, "users": 610, "items": 9_724}
+    assert m["stats"] == {
+        "events_in": 100_836,
+        "kept": 100_836,
+        "quarantined": 0,
+        "duplicates": 0,
+        "filtered": 0,
+        "users": 610,
+        "items": 9_724,
+    }
     assert m["features"]["genres"]["num_embeddings"] == 20 + 2
     assert _genres(manifest.root, "11") == {"Comedy", "Drama", "Romance"}  # "American President, The (1995)"
 
 
 def test_movielens_1m_seq(spark, tmp_path):
     m, manifest = _prepare(spark, "movielens-1m-seq", tmp_path)
-    assert m["stats"]["events_in"] == 988_555 and m["stats"]["users"] == 6_040 and m["stats"]["items"] == 3_416
+    assert (
+        m["stats"]["events_in"] == 988_555 and m["stats"]["users"] == 6_040 and m["stats"]["items"] == 3_416
+    )
     assert m["stats"]["quarantined"] == m["stats"]["duplicates"] == m["stats"]["filtered"] == 0
     first = next(r for r in pq.read_table(f"{manifest.root}/test").to_pylist() if r["user"] == "1")
     items = {r["id"]: r["value"] for r in pq.read_table(f"{manifest.root}/vocab/item.parquet").to_pylist()}
-    lines = [ln.split() for ln in (shared_data("movielens-1m-seq") / "sequences.txt").read_text().splitlines()]
+    lines = [
+        ln.split() for ln in (shared_data("movielens-1m-seq") / "sequences.txt").read_text().splitlines()
+    ]
     history = [item for user, item in lines if user == "1"]
     assert [items[i] for i in first["item"] if i] == history[-201:]  # line order is time, most recent kept
     assert first["ts"][-1] - first["ts"][-2] == 1  # the line index is the timestamp
+
+
+def test_movielens_1m_dat_adapter(spark, tmp_path):
+    """`::`-separated ratings.dat and movies.dat (latin-1 titles), from a folder; min_rating on ratings."""
+    ratings = [
+        (u, m, r, 978300000 + 10 * i)
+        for i, (u, m, r) in enumerate(
+            [
+                (1, 10, 5),
+                (1, 20, 3),
+                (1, 30, 4),
+                (1, 40, 5),
+                (2, 10, 4),
+                (2, 30, 2),
+                (2, 20, 5),
+                (2, 40, 4),
+                (1, 50, 5),
+                (2, 50, 4),
+            ]
+        )
+    ]
+    (tmp_path / "ratings.dat").write_text("".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in ratings))
+    movies = "10::GoldenEye (1995)::Action|Adventure|Thriller\n20::\xc9toile (1989)::Drama\n30::Heat (1995)::Action|Crime\n"
+    (tmp_path / "movies.dat").write_bytes(movies.encode("latin-1"))
+    cfg = load_config(
+        None,
+        [
+            f"prepare.input.path='{tmp_path}'",
+            "prepare.input.format='movielens-1m'",
+            f"prepare.input.item_features_path='{tmp_path}'",
+            "prepare.input.item_features_format='movielens-1m'",
+            "prepare.input.item_single_features=[]",
+            "prepare.input.item_multi_features=['genres']",
+            "prepare.input.valid_actions=[]",
+            "prepare.input.columns.action=''",
+            "prepare.input.columns.rating='rating'",
+            "prepare.filters.min_rating=4.0",
+            "prepare.filters.min_user_events=1",
+            "prepare.shards.max_world_size=1",
+            f"prepare.output='{tmp_path / 'out'}'",
+            "prepare.shuffle_partitions=2",
+        ],
+    ).prepare
+    m = run_prepare(cfg, spark)
+    assert m["stats"]["events_in"] == 10 and m["filtered"]["min_rating"] == 2 and m["stats"]["kept"] == 8
+    test = {r["user"]: r for r in pq.read_table(tmp_path / "out" / "test").to_pylist()}
+    items = {
+        r["id"]: r["value"] for r in pq.read_table(tmp_path / "out" / "vocab" / "item.parquet").to_pylist()
+    }
+    assert [items[i] for i in test["1"]["item"] if i] == ["10", "30", "40", "50"]  # 20 was rated 3
+    assert _genres(str(tmp_path / "out"), "10") == {"Action", "Adventure", "Thriller"}
+    assert _genres(str(tmp_path / "out"), "40") == {"<unk>"}  # not in movies.dat

@@ -48,7 +48,9 @@ def _cfg(path: Path, output: Path):
         path,
         output,
         input__format="csv",
-        input__columns=columns(user="uid", item="iid", timestamp="time", action="act", rating="stars", context=["device"]),
+        input__columns=columns(
+            user="uid", item="iid", timestamp="time", action="act", rating="stars", context=["device"]
+        ),
         input__valid_actions=["view", "click"],
     )
 
@@ -68,10 +70,22 @@ def test_every_bad_row_quarantined_with_its_reason(csv_run):
     expected = [(i, BAD[line]) for i, line in enumerate(lines) if line in BAD]
     assert list(zip(q["input_row"], q["reason"], strict=True)) == expected
     original = q.set_index("input_row").loc[expected[4][0]]  # the "yesterday" row, values as strings
-    assert (original["uid"], original["iid"], original["time"], original["act"], original["stars"]) == ("u1", "i1", "yesterday", "view", "1")
+    assert (original["uid"], original["iid"], original["time"], original["act"], original["stars"]) == (
+        "u1",
+        "i1",
+        "yesterday",
+        "view",
+        "1",
+    )
     assert {k: v for k, v in m["quarantine"].items() if v} == {
-        "missing_user": 2, "missing_item": 1, "missing_timestamp": 1, "bad_timestamp": 1,
-        "impossible_timestamp": 2, "bad_rating": 1, "missing_action": 1, "unknown_action": 1,
+        "missing_user": 2,
+        "missing_item": 1,
+        "missing_timestamp": 1,
+        "bad_timestamp": 1,
+        "impossible_timestamp": 2,
+        "bad_rating": 1,
+        "missing_action": 1,
+        "unknown_action": 1,
     }
 
 
@@ -87,7 +101,12 @@ def test_every_good_row_kept_and_counts_add_up(csv_run):
     assert by_user["u2"]["item"] == [items["i1"], items["i2"], items["i3"], items["i1"]]
     assert by_user["u2"]["ts"] == [1000, 1003, 1004, 1007]
     device = pq.read_table(out / "vocab" / "device.parquet").to_pylist()
-    assert [(d["value"], d["count"]) for d in device] == [("<pad>", 0), ("<unk>", 1), ("web", 4), ("mobile", 3)]
+    assert [(d["value"], d["count"]) for d in device] == [
+        ("<pad>", 0),
+        ("<unk>", 1),
+        ("web", 4),
+        ("mobile", 3),
+    ]
     assert by_user["u2"]["device"] == [1, 2, 2, 3]
 
 

@@ -27,8 +27,18 @@ pytestmark = pytest.mark.spark
 def log(tmp_path_factory) -> Path:
     """20k generated events in 4 files + a 5th file of bad rows, exact duplicates and timestamp ties."""
     root = tmp_path_factory.mktemp("synthetic")
-    generate(GenerateConfig(num_events=20_000, num_items=300, num_categories=10, mean_events_per_user=20,
-                            min_events_per_user=2, max_events_per_user=200, events_per_file=6000, output=str(root)))
+    generate(
+        GenerateConfig(
+            num_events=20_000,
+            num_items=300,
+            num_categories=10,
+            mean_events_per_user=20,
+            min_events_per_user=2,
+            max_events_per_user=200,
+            events_per_file=6000,
+            output=str(root),
+        )
+    )
     first = pq.read_table(root / "events" / "part-00000.parquet").slice(0, 200)
     bad = pa.table(
         {
@@ -46,10 +56,20 @@ def log(tmp_path_factory) -> Path:
 
 def _loo_cfg(log: Path, out: Path, **kw):
     return config(
-        log / "events", out, log / "items.parquet",
-        input__item_single_features=["category"], input__valid_actions=["view", "click", "like", "purchase"],
-        filters__k_core=3, split__max_len=8, split__sliding_window=True, split__window_stride=5,
-        shards__files_per_split=3, shards__max_world_size=8, shards__row_group_rows=64, vocab_min_count=2, **kw,
+        log / "events",
+        out,
+        log / "items.parquet",
+        input__item_single_features=["category"],
+        input__valid_actions=["view", "click", "like", "purchase"],
+        filters__k_core=3,
+        split__max_len=8,
+        split__sliding_window=True,
+        split__window_stride=5,
+        shards__files_per_split=3,
+        shards__max_world_size=8,
+        shards__row_group_rows=64,
+        vocab_min_count=2,
+        **kw,
     )
 
 
@@ -57,10 +77,19 @@ def _time_cfg(log: Path, out: Path):
     ts = pq.read_table(log / "events").column("ts").drop_null().to_numpy()
     valid, test = (int(np.quantile(ts, q)) for q in (0.7, 0.85))
     return config(
-        log / "events", out, log / "items.parquet",
-        input__item_single_features=["category"], filters__min_item_events=2, filters__actions=["view", "click"],
-        filters__start_time=int(np.quantile(ts, 0.05)), split__kind="time", split__valid_time=valid,
-        split__test_time=test, split__max_len=5, shards__files_per_split=2, shards__max_world_size=4,
+        log / "events",
+        out,
+        log / "items.parquet",
+        input__item_single_features=["category"],
+        filters__min_item_events=2,
+        filters__actions=["view", "click"],
+        filters__start_time=int(np.quantile(ts, 0.05)),
+        split__kind="time",
+        split__valid_time=valid,
+        split__test_time=test,
+        split__max_len=5,
+        shards__files_per_split=2,
+        shards__max_world_size=4,
     )
 
 
@@ -110,10 +139,18 @@ def test_spark_equals_pandas_reference(run, request):
 def test_reference_log_exercises_every_path(loo, timecut):
     m, _, _ = loo
     assert m["stats"]["duplicates"] >= 60 and m["filtered"]["k_core"] > 0
-    assert {k for k, v in m["quarantine"].items() if v} == {"missing_user", "missing_item", "missing_timestamp", "impossible_timestamp", "unknown_action"}
+    assert {k for k, v in m["quarantine"].items() if v} == {
+        "missing_user",
+        "missing_item",
+        "missing_timestamp",
+        "impossible_timestamp",
+        "unknown_action",
+    }
     assert m["splits"]["train"]["rows"] > m["splits"]["test"]["rows"]  # sliding windows
     t, _, _ = timecut
-    assert all(t["filtered"][k] > 0 for k in ("actions", "time_window", "min_item_events", "time_split_unused"))
+    assert all(
+        t["filtered"][k] > 0 for k in ("actions", "time_window", "min_item_events", "time_split_unused")
+    )
 
 
 def test_shard_layout(loo):
@@ -138,7 +175,9 @@ def test_rerun_with_reused_vocab_gives_identical_bytes(spark, log, loo, tmp_path
     again = run_prepare(_loo_cfg(log, tmp_path / "again", reuse_vocab=str(out)), spark)
     assert again["splits"] == m["splits"]  # same paths, rows, row groups and sha256
     for name in m["features"]:
-        assert (tmp_path / "again" / "vocab" / f"{name}.parquet").read_bytes() == (out / "vocab" / f"{name}.parquet").read_bytes()
+        assert (tmp_path / "again" / "vocab" / f"{name}.parquet").read_bytes() == (
+            out / "vocab" / f"{name}.parquet"
+        ).read_bytes()
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
@@ -148,14 +187,34 @@ def test_petastorm_shards_disjoint_and_complete(loo, world):
     _, _, out = loo
     for split in schema.SPLITS:
         table = pq.read_table(out / split)
-        expected = Counter(zip(table.column("user").to_pylist(), map(tuple, table.column("item").to_pylist()), map(tuple, table.column("ts").to_pylist()), strict=True))
+        expected = Counter(
+            zip(
+                table.column("user").to_pylist(),
+                map(tuple, table.column("item").to_pylist()),
+                map(tuple, table.column("ts").to_pylist()),
+                strict=True,
+            )
+        )
         seen: Counter = Counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for rank in range(world):
-                with make_batch_reader(f"file://{out / split}", cur_shard=rank, shard_count=world, num_epochs=1,
-                                       shuffle_row_groups=False, reader_pool_type="dummy") as reader:
+                with make_batch_reader(
+                    f"file://{out / split}",
+                    cur_shard=rank,
+                    shard_count=world,
+                    num_epochs=1,
+                    shuffle_row_groups=False,
+                    reader_pool_type="dummy",
+                ) as reader:
                     for batch in reader:
                         users = [u.decode() if isinstance(u, bytes) else u for u in batch.user]
-                        seen.update(zip(users, (tuple(x.tolist()) for x in batch.item), (tuple(x.tolist()) for x in batch.ts), strict=True))
+                        seen.update(
+                            zip(
+                                users,
+                                (tuple(x.tolist()) for x in batch.item),
+                                (tuple(x.tolist()) for x in batch.ts),
+                                strict=True,
+                            )
+                        )
         assert seen == expected, split

@@ -44,11 +44,25 @@ max_world_size = 1
 row_group_rows = 2
 """
     )
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+    }
     cmd = [
-        str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]", "--driver-memory", "1g",
-        "--conf", "spark.ui.enabled=false", str(REPO_ROOT / "spark_jobs" / "build_sequences.py"),
-        "--config", str(tmp_path / "run.toml"), "--set", "prepare.dataset_name=submitted",
+        str(Path(sys.executable).parent / "spark-submit"),
+        "--master",
+        "local[2]",
+        "--driver-memory",
+        "1g",
+        "--conf",
+        "spark.ui.enabled=false",
+        str(REPO_ROOT / "spark_jobs" / "build_sequences.py"),
+        "--config",
+        str(tmp_path / "run.toml"),
+        "--set",
+        "prepare.dataset_name=submitted",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -59,19 +73,43 @@ row_group_rows = 2
         schema.verify_split(manifest, split, check_sha256=True)
     raw = json.loads((out / schema.MANIFEST_FILE).read_text())
     assert raw["dataset"] == "submitted" and raw["config"]["dataset_name"] == "submitted"
-    assert raw["stats"] == {"events_in": 17, "kept": 11, "quarantined": 0, "duplicates": 1, "filtered": 5, "users": 2, "items": 3}
+    assert raw["stats"] == {
+        "events_in": 17,
+        "kept": 11,
+        "quarantined": 0,
+        "duplicates": 1,
+        "filtered": 5,
+        "users": 2,
+        "items": 3,
+    }
 
 
 def test_spark_submit_bad_input_is_one_line_exit_2(tmp_path):
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    cmd = [sys.executable, str(REPO_ROOT / "spark_jobs" / "build_sequences.py"), "--set", f"prepare.input.path='{tmp_path / 'missing'}'"]
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "spark_jobs" / "build_sequences.py"),
+        "--set",
+        f"prepare.input.path='{tmp_path / 'missing'}'",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("build_sequences: error: prepare.input.path path")
 
 
 def test_seqrec_prepare_missing_input_is_one_line_exit_2(tmp_path):
-    cmd = [sys.executable, "-m", "seqrec", "prepare", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "seqrec",
+        "prepare",
+        "--input",
+        str(tmp_path / "missing"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"seqrec prepare: error: prepare.input.path path {tmp_path / 'missing'} does not exist"]
+    assert proc.stderr.strip().splitlines() == [
+        f"seqrec prepare: error: prepare.input.path path {tmp_path / 'missing'} does not exist"
+    ]
