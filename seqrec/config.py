@@ -17,12 +17,13 @@ import ast
 import dataclasses
 import inspect
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 
 class ConfigError(ValueError):
