@@ -61,18 +61,18 @@ def rank_targets(
     my_rows = rows[info.rank]
     ranks: list[torch.Tensor] = []
     taken, template = 0, None
-    batches = iter(loader)
-    for _ in range(num_batches):
-        batch = next(batches, None) if taken < my_rows else None
-        if batch is not None:
-            batch = {k: v[: my_rows - taken] for k, v in batch.items()}
-            template = template or batch
-        scores = scorer(batch if batch is not None else _padding_batch(template or _first_batch(manifest, split, cfg)))
-        if batch is None:
-            continue
-        taken += len(batch[COL_TARGET])
-        history = batch[COL_ITEM][:, :-1] if cfg.exclude_seen else None
-        ranks.append(target_ranks(scores.float().cpu(), batch[COL_TARGET], history))
+    with iter(loader) as batches:  # joins the prefetch thread even when stopping early (max_users)
+        for _ in range(num_batches):
+            batch = next(batches, None) if taken < my_rows else None
+            if batch is not None:
+                batch = {k: v[: my_rows - taken] for k, v in batch.items()}
+                template = template or batch
+            scores = scorer(batch if batch is not None else _padding_batch(template or _first_batch(manifest, split, cfg)))
+            if batch is None:
+                continue
+            taken += len(batch[COL_TARGET])
+            history = batch[COL_ITEM][:, :-1] if cfg.exclude_seen else None
+            ranks.append(target_ranks(scores.float().cpu(), batch[COL_TARGET], history))
     local = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
     device = info.device if info.device.type == "cuda" else torch.device("cpu")
     return all_gather_1d(local.to(device=device, dtype=torch.long)).cpu()
@@ -80,7 +80,8 @@ def rank_targets(
 
 def _first_batch(manifest: Manifest, split: str, cfg: EvalConfig) -> Batch:
     """Any one batch of the split (template for padding batches on a rank with no rows at all)."""
-    return next(iter(ShardLoader(manifest, split, dp_rank=0, dp_world_size=1, batch_size=1, train=False, shuffle=False)))
+    with iter(ShardLoader(manifest, split, dp_rank=0, dp_world_size=1, batch_size=1, train=False, shuffle=False)) as batches:
+        return next(batches)
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: list[int]) -> dict[str, float]:

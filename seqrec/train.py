@@ -251,28 +251,29 @@ class Trainer:
         cfg = self.cfg.train
         self.resume()
         self.engine.train()
-        batches = iter(self.loader)
         progress = _progress(cfg, self.step, self.info.is_main)
         stop = self.step >= cfg.max_steps
         steps_this_run = 0
-        while not stop:
-            t0 = time.perf_counter()
-            out = self.train_step(batches)
-            self.step += 1
-            self.window.add(out, time.perf_counter() - t0)
-            progress.update(1)
-            if should_log(self.step, cfg) or should_save(self.step, cfg):
-                loss = self.check_finite(out["loss"])
-            if should_log(self.step, cfg):
-                self.log_train(loss)
-            if should_eval(self.step, cfg):
-                stop = self.after_validation(self.validate())
-            if should_save(self.step, cfg) and self.last_saved_step != self.step:
-                self.save()
-            stop = stop or self.step >= cfg.max_steps
-            steps_this_run += 1
-            if cfg.stop_after and steps_this_run >= cfg.stop_after and not stop:
-                return self.leave_early(out["loss"])
+        # The prefetch thread is joined when the block ends, however it ends (see loader.Batches).
+        with iter(self.loader) as batches:
+            while not stop:
+                t0 = time.perf_counter()
+                out = self.train_step(batches)
+                self.step += 1
+                self.window.add(out, time.perf_counter() - t0)
+                progress.update(1)
+                if should_log(self.step, cfg) or should_save(self.step, cfg):
+                    loss = self.check_finite(out["loss"])
+                if should_log(self.step, cfg):
+                    self.log_train(loss)
+                if should_eval(self.step, cfg):
+                    stop = self.after_validation(self.validate())
+                if should_save(self.step, cfg) and self.last_saved_step != self.step:
+                    self.save()
+                stop = stop or self.step >= cfg.max_steps
+                steps_this_run += 1
+                if cfg.stop_after and steps_this_run >= cfg.stop_after and not stop:
+                    return self.leave_early(out["loss"])
         progress.close()
         return self.finish()
 
@@ -480,7 +481,8 @@ def train(cfg: RunConfig, *, dry_run: bool = False) -> dict[str, Any] | None:
 
 def trainer_dry_run(trainer: Trainer) -> dict[str, Any]:
     """One forward on one batch: checks config, data and shapes without training."""
-    batch = next(iter(trainer.loader))
+    with iter(trainer.loader) as batches:
+        batch = next(batches)
     out = trainer.engine.forward(batch, task="train")
     report = {
         "params": trainer.num_params,

@@ -15,10 +15,12 @@ Ranks are passed in as ints; this module never calls torch.distributed (torchtit
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import queue
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -183,43 +185,13 @@ class ShardLoader:
             merged = {k: np.concatenate([c[k] for c in pending]) for k in self.columns}
             yield collate(merged, self.columns)
 
-    def __iter__(self) -> Iterator[Batch]:
-        """Batches in order, prepared by a background thread; the position advances as they are taken."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
-        stop = threading.Event()
-        start = LoaderState(self.state.epoch, self.state.batches_in_epoch)
+    def __iter__(self) -> Batches:
+        """Batches in order, prepared by a background thread; the position advances as they are taken.
 
-        def worker() -> None:
-            try:
-                for batch in self._produce_from(start):
-                    while not stop.is_set():
-                        try:
-                            q.put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(_END)
-            except BaseException as e:  # surface reader errors in the consumer thread
-                q.put(_Failure(e))
-
-        thread = threading.Thread(target=worker, name=f"loader-{self.split}-r{self.rank}", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is _END:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.error
-                (epoch, index), batch = item
-                # Advance before handing the batch out: a checkpoint taken after training on it must
-                # resume after it.
-                self.state = LoaderState(epoch=epoch, batches_in_epoch=index + 1)
-                yield batch
-        finally:
-            stop.set()
+        The returned iterator must be closed (`close()`, or `with iter(loader) as batches:`): it joins
+        the prefetch thread, which must never outlive the interpreter's teardown (see `Batches`).
+        """
+        return Batches(self, LoaderState(self.state.epoch, self.state.batches_in_epoch))
 
     def _produce_from(self, start: LoaderState) -> Iterator[tuple[tuple[int, int], Batch]]:
         """(position, batch) from `start` on: skip batches already taken, stop epochs at steps_per_epoch."""
@@ -243,3 +215,137 @@ _END = object()
 class _Failure:
     error: BaseException
 
+
+class _Prefetch:
+    """The state shared by a prefetch thread and its consumer (the thread never references `Batches`)."""
+
+    def __init__(self, name: str, maxsize: int) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.name = name
+
+    def put(self, item: object) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def join(self, timeout_s: float) -> bool:
+        """Stop, drain and join the thread; False if it is still alive after `timeout_s`."""
+        self.stop.set()
+        deadline = time.monotonic() + timeout_s
+        while self.thread is not None and self.thread.is_alive() and time.monotonic() < deadline:
+            self.drain()
+            self.thread.join(timeout=0.05)
+        self.drain()
+        alive = self.thread is not None and self.thread.is_alive()
+        if alive:
+            log.warning("loader thread %s did not stop within %.0f s", self.name, timeout_s)
+        else:
+            _LIVE.discard(self)
+        return not alive
+
+
+_LIVE: set[_Prefetch] = set()  # every prefetch thread not yet joined (joined at exit at the latest)
+
+
+def _prefetch_worker(loader: ShardLoader, start: LoaderState, pf: _Prefetch) -> None:
+    try:
+        with contextlib.closing(loader._produce_from(start)) as items:  # closes the petastorm reader
+            for item in items:
+                if not pf.put(item):
+                    break
+            else:
+                pf.put(_END)
+    except BaseException as e:  # surface reader errors in the consumer thread
+        pf.put(_Failure(e))
+    finally:
+        if pf.stop.is_set():
+            pf.drain()  # free the prepared batches here, while the interpreter is fully alive
+
+
+class Batches:
+    """Iterator over a ShardLoader's batches, filled by one prefetch thread; `close()` joins it.
+
+    Why the join matters: a daemon thread still alive when the interpreter finalizes is ended with
+    `pthread_exit` the moment it takes the GIL; freeing the tensors it holds (its queue) re-takes
+    the GIL inside a `noexcept` destructor, so the forced unwind ends in `std::terminate`
+    ("terminate called without an active exception", SIGABRT, exit -6) after a finished run (seen
+    in a core dump: `THPVariable_clear` -> `PyEval_RestoreThread` -> `pthread_exit`). So `close()`
+    stops the thread, drains its queue and joins it; the trainer and the evaluation close every
+    iterator they open, an abandoned iterator stops its thread when collected, and an `atexit`
+    hook (atexit runs before finalization) joins any thread still alive.
+    """
+
+    JOIN_TIMEOUT_S = 60.0
+
+    def __init__(self, loader: ShardLoader, start: LoaderState) -> None:
+        self.loader = loader
+        self.closed = False
+        self.pf = _Prefetch(f"loader-{loader.split}-r{loader.rank}", loader.prefetch_batches)
+        self.pf.thread = threading.Thread(
+            target=_prefetch_worker, args=(loader, start, self.pf), name=self.pf.name, daemon=True
+        )
+        _LIVE.add(self.pf)
+        self.pf.thread.start()
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.closed:
+            raise StopIteration
+        item = self.pf.queue.get()
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.error
+        (epoch, index), batch = item
+        # Advance before handing the batch out: a checkpoint taken after training on it must resume
+        # after it.
+        self.loader.state = LoaderState(epoch=epoch, batches_in_epoch=index + 1)
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread, drop what it prepared, and join it (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self.pf.join(self.JOIN_TIMEOUT_S)
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # An abandoned iterator stops its thread (not joined: __del__ may run on any thread; the
+        # atexit hook joins it at the latest).
+        self.pf.stop.set()
+
+
+def live_threads() -> list[str]:
+    """Names of prefetch threads still alive (tests assert this is empty after a run)."""
+    return [pf.name for pf in list(_LIVE) if pf.thread is not None and pf.thread.is_alive()]
+
+
+def close_all(timeout_s: float = Batches.JOIN_TIMEOUT_S) -> None:
+    """Stop and join every prefetch thread still alive (registered with atexit)."""
+    for pf in list(_LIVE):
+        pf.join(timeout_s)
+
+
+atexit.register(close_all)

@@ -135,10 +135,14 @@ def zero3_partition_worker(data: str, run_dir: str) -> dict[str, int]:
 
 def train_worker(cfg_sets: dict[str, Any]) -> dict[str, Any] | None:
     """The real `seqrec train` entry point on this rank."""
+    from seqrec.data.loader import live_threads
     from seqrec.train import train
 
     cfg = tiny_config(**cfg_sets)
-    return train(cfg)
+    result = train(cfg)
+    # A prefetch thread alive past the run is what aborted finished runs at exit (loader.Batches).
+    assert not live_threads(), f"loader threads outlived train(): {live_threads()}"
+    return result
 
 
 def diverging_train_worker(cfg_sets: dict[str, Any], nan_from_step: int) -> str:

@@ -7,7 +7,12 @@ from collections import Counter
 
 import pytest
 
-from seqrec.data.loader import ShardLoader
+import gc
+import subprocess
+import sys
+import textwrap
+
+from seqrec.data.loader import ShardLoader, close_all, live_threads
 from seqrec.data.schema import SchemaError
 from tests.fixtures import write_tiny_dataset
 
@@ -92,3 +97,62 @@ def test_missing_and_corrupt_shards_name_the_file(tmp_path):
     victim.write_bytes(b"not parquet at all")
     with pytest.raises(SchemaError, match="part-00001.parquet.*not a readable Parquet"):
         ShardLoader(m, "train", dp_rank=0, dp_world_size=1, batch_size=4)
+
+
+def test_close_joins_the_prefetch_thread_and_drops_its_batches(manifest):
+    close_all()  # iterators the tests above abandoned
+    ld = ShardLoader(manifest, "train", dp_rank=0, dp_world_size=1, batch_size=2, seed=1, prefetch_batches=2)
+    with iter(ld) as batches:
+        next(batches)
+        assert live_threads() == ["loader-train-r0"]
+    assert live_threads() == []
+    assert batches.pf.queue.empty()
+    assert list(batches) == []  # a closed iterator is exhausted
+    assert ld.state_dict() == {"epoch": 0, "batches_in_epoch": 1}
+
+
+def test_one_pass_iterator_closes_itself_at_the_end(manifest):
+    close_all()
+    ld = ShardLoader(manifest, "test", dp_rank=0, dp_world_size=1, batch_size=16, train=False, shuffle=False)
+    assert sum(len(b["length"]) for b in ld) == 60
+    assert live_threads() == []
+
+
+def test_abandoned_iterator_stops_its_thread(manifest):
+    ld = ShardLoader(manifest, "train", dp_rank=0, dp_world_size=1, batch_size=2, seed=1, prefetch_batches=2)
+    batches = iter(ld)
+    next(batches)
+    thread = batches.pf.thread
+    del batches
+    gc.collect()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_reader_errors_reach_the_consumer(manifest, monkeypatch):
+    ld = ShardLoader(manifest, "train", dp_rank=0, dp_world_size=1, batch_size=2, seed=1)
+
+    def broken(epoch):
+        raise OSError("shard vanished")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(ld, "_batches", broken)
+    close_all()
+    with pytest.raises(OSError, match="shard vanished"):
+        next(iter(ld))
+    assert live_threads() == []
+
+
+def test_process_exits_cleanly_with_an_open_iterator(manifest):
+    """An iterator left open at exit is joined by the atexit hook before finalization: exit code 0,
+    no `terminate called without an active exception` (the abort this guards against)."""
+    script = textwrap.dedent(f"""
+        from seqrec.data.loader import ShardLoader
+        from seqrec.data.schema import read_manifest
+        ld = ShardLoader(read_manifest({manifest.root!r}), "train", dp_rank=0, dp_world_size=1, batch_size=2, seed=1)
+        keep = iter(ld)
+        next(keep)
+    """)
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-2000:]
