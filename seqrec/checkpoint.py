@@ -77,6 +77,16 @@ def resolve(root: Path, which: str) -> Path:
     return path
 
 
+def client_state(folder: Path) -> dict[str, Any]:
+    """The trainer's client state saved with a DeepSpeed checkpoint (config, loop, vocab sizes, ...)."""
+    files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no DeepSpeed model states file (*mp_rank_00_model_states.pt)")
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    state.pop("module", None)
+    return state
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -8,10 +8,12 @@ Heavy modules (torch, pyspark, deepspeed) are imported inside the subcommand tha
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from seqrec.config import ConfigError, RunConfig, field_docs, load_config
@@ -101,8 +103,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def _prepared_already(cfg: RunConfig) -> bool:
     """True when the output holds a finished manifest built from exactly this prepare config."""
-    import json
-
     from seqrec.config import to_dict
 
     manifest = Path(cfg.prepare.output) / "manifest.json"
@@ -118,26 +118,51 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra.append(f"checkpoint.resume={args.resume!r}")
     cfg = _config(args, extra)
     ensure_writable_dir(cfg.run_dir, "run folder")
-    from seqrec.engine import shutdown
     from seqrec.train import train
 
-    try:
+    with _teardown():
         train(cfg, dry_run=args.dry_run)
-    finally:
-        shutdown()
     return 0
+
+
+@contextlib.contextmanager
+def _teardown() -> Iterator[None]:
+    """Join our threads, then destroy the process group, however the command ends.
+
+    Order matters: a loader thread still alive when the interpreter finalizes aborts the process
+    (SIGABRT after a finished run, see seqrec.data.loader.Batches).
+    """
+    from seqrec.data.loader import close_all
+    from seqrec.engine import shutdown
+
+    try:
+        yield
+    finally:
+        close_all()
+        shutdown()
+
+
+def _run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
+    """The run's own resolved config (`<run_dir>/config.json`) when no --config is given, else the
+    given config; --set overrides apply on top either way."""
+    from seqrec.config import apply_overrides, from_dict
+
+    cfg = _config(args, extra)
+    saved = Path(cfg.run_dir) / "config.json"
+    if args.config or not saved.is_file():
+        return cfg
+    return from_dict(apply_overrides(json.loads(saved.read_text()), [*extra, *args.overrides]), f"{saved} + --set")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     extra = [f"run_dir={args.run_dir!r}"] if args.run_dir else []
-    cfg = _config(args, extra)
-    from seqrec.engine import shutdown
-    from seqrec.train import evaluate_checkpoint
+    cfg = _run_config(args, extra)
+    from seqrec.evaluate import evaluate_checkpoint
 
-    try:
-        evaluate_checkpoint(cfg, checkpoint=args.checkpoint, split=args.split)
-    finally:
-        shutdown()
+    with _teardown():
+        result = evaluate_checkpoint(cfg, checkpoint=args.checkpoint, split=args.split, output=args.output)
+    if "output" in result:  # rank 0
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -179,8 +204,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    import json
-
     from seqrec.config import to_dict
 
     if args.docs:
@@ -232,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (run_dir)")
     p.add_argument("--checkpoint", default="best", help="best (default), last, or a checkpoint folder")
     p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--output", help="result JSON (default <run_dir>/eval/<split>_<checkpoint>.json)")
 
     p = add("export", cmd_export, "export a checkpoint to a self-contained folder (no DeepSpeed needed)")
     p.add_argument("--run-dir", help="run folder (run_dir)")
@@ -270,10 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(level: str) -> None:
+    """One line per event: rank 0 logs at `level`; other ranks log only warnings and errors, prefixed
+    with their rank."""
     rank = os.environ.get("RANK")
     prefix = f"[rank{rank}] " if rank is not None else ""
+    chosen = getattr(logging, level.upper(), logging.INFO)
+    if rank not in (None, "0"):
+        chosen = max(chosen, logging.WARNING)
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=chosen,
         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -281,6 +310,9 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Compiled torch/DeepSpeed extensions, if any are ever built, live inside this environment, not in
+    # a per-user cache that every checkout and venv on the machine shares.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)

@@ -347,6 +347,9 @@ class DistConfig:
     """auto: nccl on CUDA, gloo on CPU."""
     offload_optimizer: bool = False
     """ZeRO optimizer state offload to CPU (stages 1-3)."""
+    timeout_s: int = 1800
+    """Seconds a rank waits for the others (process-group start-up and every collective) before it
+    fails with an error instead of hanging."""
 
 
 @dataclass(kw_only=True, slots=True)

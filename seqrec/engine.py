@@ -12,6 +12,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,17 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @staticmethod
+    def launched() -> bool:
+        """True under a launcher (torchrun, the deepspeed launcher, a PyTorchJob) with world > 1."""
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+    @classmethod
+    def single(cls) -> DistInfo:
+        """A world of one on this host, without a process group."""
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return cls(rank=0, world_size=1, local_rank=0, device=device)
+
     @classmethod
     def from_env(cls) -> DistInfo:
         if "WORLD_SIZE" not in os.environ:
@@ -54,16 +66,43 @@ def free_port() -> int:
 
 
 def _deepspeed() -> Any:
-    """Import deepspeed with the accelerator chosen explicitly (no probing warning on CPU)."""
+    """Import deepspeed with the accelerator chosen explicitly (no probing warning on CPU), and
+    with no op that would be compiled at run time (see `_no_runtime_op_builds`)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    _no_runtime_op_builds(deepspeed)
     return deepspeed
 
 
+# DeepSpeed ops the training path would otherwise JIT-compile inside a run.
+NO_RUNTIME_OPS = ("deepspeed_shm_comm", "deepspeed_ccl_comm")
+
+
+def _no_runtime_op_builds(deepspeed: Any) -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op at `init_distributed`.
+
+    On CPU, DeepSpeed's comm backend JIT-builds `deepspeed_shm_comm` with ninja the first time a
+    process group starts (66 to 170 s here), under a lock file in the torch extensions cache; a
+    process killed during that build leaves the lock and every later run waits on it forever. The
+    op serves only `inference_all_reduce`, which training never calls: marking it incompatible
+    (DeepSpeed keeps the probe result in `deepspeed.ops.__compatible_ops__`, read by
+    `comm.torch.build_shm_op` only) makes DeepSpeed use the process group, with nothing to build.
+    Our optimizer is torch's AdamW, so no other op is built either.
+    """
+    ops = vars(deepspeed.ops)
+    compatible = ops.setdefault("__compatible_ops__", {})  # pre-seeding also skips the slow probe
+    for name in NO_RUNTIME_OPS:
+        compatible[name] = False
+
+
 def init_distributed(cfg: DistConfig) -> DistInfo:
-    """Create the process group (gloo on CPU, nccl on CUDA unless cfg.backend says otherwise)."""
+    """Create the process group (gloo on CPU, nccl on CUDA unless cfg.backend says otherwise).
+
+    Waiting for the other ranks is bounded by `cfg.timeout_s` and announced on one line, so a
+    missing rank is an error naming the rendezvous address, not a silent hang.
+    """
     info = DistInfo.from_env()
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if info.device.type == "cuda" else "gloo")
     if info.device.type == "cuda":
@@ -72,8 +111,22 @@ def init_distributed(cfg: DistConfig) -> DistInfo:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        ds.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        log.info("rank %d: waiting for %d ranks at %s (%s, up to %d s)", info.rank, info.world_size, where, backend, cfg.timeout_s)
+        try:
+            ds.init_distributed(
+                dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=cfg.timeout_s)
+            )
+        except Exception as e:  # torch raises DistStoreError/RuntimeError subclasses on a time-out
+            raise RendezvousError(
+                f"rank {info.rank}: the process group of {info.world_size} ranks at {where} did not form "
+                f"within dist.timeout_s={cfg.timeout_s} s: {e}"
+            ) from e
     return info
+
+
+class RendezvousError(RuntimeError):
+    """The ranks did not all join the process group in time."""
 
 
 def shutdown() -> None:

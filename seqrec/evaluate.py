@@ -11,16 +11,29 @@ added, must carry `_sampledN`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from seqrec.config import EvalConfig
+from seqrec import checkpoint as ckpt
+from seqrec import faults
+from seqrec.config import EvalConfig, RunConfig
 from seqrec.data.loader import Batch, ShardLoader
-from seqrec.data.schema import COL_ITEM, COL_TARGET, Manifest
-from seqrec.engine import DistInfo, all_gather_1d
+from seqrec.data.schema import (
+    COL_ITEM,
+    COL_TARGET,
+    SCHEMA_VERSION,
+    Manifest,
+    SchemaError,
+    read_manifest,
+    verify_split,
+)
+from seqrec.engine import DistInfo, all_gather_1d, init_distributed, resolve_precision
 from seqrec.metrics import finalize, popularity_scores, ranking_sums, target_ranks
 
 log = logging.getLogger(__name__)
@@ -73,6 +86,7 @@ def rank_targets(
             taken += len(batch[COL_TARGET])
             history = batch[COL_ITEM][:, :-1] if cfg.exclude_seen else None
             ranks.append(target_ranks(scores.float().cpu(), batch[COL_TARGET], history))
+            faults.point("eval")
     local = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
     device = info.device if info.device.type == "cuda" else torch.device("cpu")
     return all_gather_1d(local.to(device=device, dtype=torch.long)).cpu()
@@ -109,3 +123,61 @@ def popularity_scorer(item_counts: torch.Tensor) -> Scorer:
 def named(metrics: dict[str, float], split: str) -> dict[str, float]:
     """`{"ndcg@10": x}` -> `{"test/ndcg@10_full": x}` (count stays unsuffixed)."""
     return {f"{split}/{k}" + ("" if k == "count" else PROTOCOL_SUFFIX): v for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------- seqrec evaluate
+def evaluate_checkpoint(
+    cfg: RunConfig, *, checkpoint: str = "best", split: str = "test", output: str | Path | None = None
+) -> dict[str, Any]:
+    """`seqrec evaluate`: full-ranking metrics of one checkpoint on one split, beside popularity.
+
+    Read-only: the weights are loaded for scoring only (no optimizer, no training loader, no
+    tracker, no DeepSpeed engine) and nothing in the run folder is rewritten; the result goes to
+    `output` (default `<run_dir>/eval/<split>_<checkpoint>.json`). The model runs in the precision
+    the training run used, so the numbers equal the run's own evaluation of that checkpoint. Runs in
+    one process or under torchrun (each rank scores its part of the split).
+    """
+    from seqrec.export import consolidated_state_dict
+    from seqrec.model import DataSpec, SeqRecModel
+
+    info = init_distributed(cfg.dist) if DistInfo.launched() else DistInfo.single()
+    try:
+        folder = ckpt.resolve(ckpt.checkpoint_root(cfg.run_dir), checkpoint)
+    except FileNotFoundError as e:
+        raise SchemaError(str(e)) from None
+    manifest = read_manifest(cfg.data.path)
+    verify_split(manifest, split)
+    client = ckpt.client_state(folder)
+    if client.get("schema_version") != SCHEMA_VERSION:
+        raise SchemaError(f"{folder}: checkpoint schema_version {client.get('schema_version')} != {SCHEMA_VERSION}")
+    spec = DataSpec.from_manifest(manifest)
+    model = SeqRecModel(spec, cfg.model, cfg.embeddings, cfg.loss)
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(folder, cfg.dist.zero_stage), strict=False)
+    if unexpected or [m for m in missing if not m.startswith("loss.")]:
+        raise SchemaError(f"{folder}: weights do not fit the model of this config (missing {missing}, unexpected {unexpected})")
+    precision = client.get("precision") or resolve_precision(cfg.train, info.device)
+    model = model.to(device=info.device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).eval()
+
+    def score(batch: Batch) -> torch.Tensor:
+        return model({k: v.to(info.device) for k, v in batch.items()}, task="score")["scores"]
+
+    metrics = evaluate(score, manifest, split, cfg.eval, info)
+    result = {
+        "checkpoint": str(folder),
+        "step": ckpt.step_of(folder),
+        "split": split,
+        "dataset": manifest.dataset,
+        "protocol": protocol(manifest, cfg.eval),
+        "precision": precision,
+        "metrics": named(metrics, split),
+        "popularity": named(evaluate(popularity_scorer(spec.item_counts), manifest, split, cfg.eval, info), split),
+    }
+    if info.is_main:
+        out = Path(output) if output else Path(cfg.run_dir) / "eval" / f"{split}_{folder.name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+        result["output"] = str(out)
+        log.info("evaluate %s on %s: %s -> %s", folder.name, split, json.dumps(result["metrics"]), out)
+    return result

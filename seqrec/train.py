@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from seqrec import checkpoint as ckpt
+from seqrec import faults
 from seqrec.config import RunConfig, TrainConfig, save_json, to_dict
 from seqrec.data.loader import Batch, ShardLoader
 from seqrec.data.schema import SCHEMA_VERSION, SPLITS, Manifest, SchemaError, read_manifest, verify_split
@@ -143,11 +144,13 @@ class Trainer:
             "schema_version": SCHEMA_VERSION,
             "vocab_sizes": vocab_sizes(self.manifest),
             "world_size": self.info.world_size,
+            "precision": self.engine.precision,
         }
         self.engine.save(self.ckpt_root, tag, client)
         self.last_saved_step = self.step
         folder = self.ckpt_root / tag
         ckpt.write_rank_state(folder, self.info.rank, {"rng": ckpt.rng_state(), "loader": self.loader.state_dict()})
+        faults.point("checkpoint", self.step)
         barrier()
         if self.info.is_main:
             ckpt.mark_complete(folder, self.step)
@@ -494,27 +497,3 @@ def trainer_dry_run(trainer: Trainer) -> dict[str, Any]:
     log.info("dry run ok: %s", report)
     trainer.tracker.close()
     return report
-
-
-def evaluate_checkpoint(cfg: RunConfig, *, checkpoint: str = "best", split: str = "test") -> dict[str, Any]:
-    """`seqrec evaluate`: score one checkpoint on one split with full ranking, beside popularity."""
-    cfg.tracking.wandb = "disabled"
-    trainer = Trainer(cfg)
-    folder = ckpt.resolve(trainer.ckpt_root, checkpoint)
-    trainer.load_weights(folder)
-    trainer.engine.eval()
-    metrics = evaluate(trainer.score, trainer.manifest, split, cfg.eval, trainer.info)
-    result = {
-        "checkpoint": str(folder),
-        "split": split,
-        "dataset": trainer.manifest.dataset,
-        "protocol": protocol(trainer.manifest, cfg.eval),
-        "metrics": named(metrics, split),
-        "popularity": named(trainer.popularity(split), split),
-    }
-    if trainer.info.is_main:
-        out = Path(cfg.run_dir) / f"eval_{split}_{folder.name}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=2))
-    trainer.tracker.close()
-    return result

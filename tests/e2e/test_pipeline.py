@@ -63,14 +63,15 @@ wandb = "offline"
 """
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true"}
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true", **extra}
 
 
-def _torchrun(config: Path, run_dir: Path, **popen) -> subprocess.Popen:
+def _torchrun(config: Path, run_dir: Path, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "seqrec", "train", "--config", str(config), "--run-dir", str(run_dir)]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(cmd, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
 
 
 def _kill_tree(pid: int) -> None:
@@ -132,6 +133,89 @@ def test_run_folder_contract_and_model_beats_popularity(pipeline):
     summary = subprocess.run([sys.executable, "-m", "seqrec", "summary", "--run-dir", str(run_dir)],
                              capture_output=True, text=True, check=True).stdout
     assert "ndcg@10_full" in summary and "popularity" in summary
+
+
+def test_one_line_per_event(pipeline):
+    """Rank 0 logs progress and metrics; other ranks only warnings and errors."""
+    _, _, log = pipeline
+    assert log.count("step 10 loss") == 1 and log.count("saved checkpoint") == 8
+    assert "[rank1] INFO" not in log and "[rank0] INFO" in log
+
+
+def test_evaluate_is_read_only_and_matches_the_run(pipeline, tmp_path):
+    _, run_dir, _ = pipeline
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "seqrec", "evaluate", "--run-dir", str(run_dir), "--checkpoint", "best",
+                           "--split", "test", "--output", str(out)], env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # nothing in the run folder was written, rewritten or removed
+    got, results = json.loads(out.read_text()), json.loads((run_dir / "results.json").read_text())
+    assert got["metrics"] == {f"test/{k}_full" if k != "count" else "test/count": v for k, v in results["test"].items()}
+    assert got["step"] == results["best_step"]
+    assert got["popularity"]["test/ndcg@10_full"] == results["popularity"]["test"]["ndcg@10"]
+
+
+def _start_and_kill_when(config: Path, run_dir: Path, env: dict[str, str], seen: str, timeout: float = 600) -> str:
+    """Start the training job; SIGKILL the whole tree as soon as `seen` appears in its output."""
+    proc = _torchrun(config, run_dir, env=env, start_new_session=True)
+    lines: list[str] = []
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if seen in line or time.time() > deadline:
+            break
+    _kill_tree(proc.pid)
+    proc.communicate()
+    assert any(seen in ln for ln in lines), "".join(lines)[-3000:]
+    return "".join(lines)
+
+
+def _run_with_fault(config: Path, run_dir: Path, env: dict[str, str], fault: str) -> str:
+    """Run the job with rank 0 SIGKILLed at a fault point; the job must fail, not hang."""
+    proc = _torchrun(config, run_dir, env={**env, "SEQREC_FAULT_POINT": fault})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, out[-3000:]
+    return out
+
+
+def test_killed_at_every_moment_then_same_command_finishes_exactly(pipeline, tmp_path):
+    """SIGKILL during start-up, during a checkpoint write and during evaluation; each time the same
+    command runs again. The last one finishes with the uninterrupted run's weights and metrics.
+
+    A stale build lock of DeepSpeed's shared-memory comm op sits in the extensions folder the whole
+    time: a run that tried to build that op would wait on it forever (the old failure); ours build
+    nothing, so the folder holds nothing else afterwards."""
+    config, reference, _ = pipeline
+    run_dir, ext = tmp_path / "killed", tmp_path / "torch_extensions"
+    stale = ext / "deepspeed_shm_comm" / "lock"  # torch's FileBaton: waits while the file exists
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")
+    env = _env(TORCH_EXTENSIONS_DIR=str(ext))
+    root = ckpt.checkpoint_root(run_dir)
+
+    _start_and_kill_when(config, run_dir, env, "waiting for 2 ranks")  # start-up
+    assert not root.exists() or not ckpt.complete_checkpoints(root)
+
+    _run_with_fault(config, run_dir, env, "checkpoint:40")  # engine state written, COMPLETE not yet
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_00000020"]
+    assert (root / "step_00000040").is_dir() and not (root / "step_00000040" / ckpt.COMPLETE).exists()
+
+    log = _run_with_fault(config, run_dir, env, "eval")  # first validation of this run: step 80
+    assert "resumed from" in log and str(root / "step_00000020") in log
+    assert ckpt.latest(root).name == "step_00000060"
+
+    log = _run(_torchrun(config, run_dir, env=env))
+    assert "resumed from" in log and "step_00000060" in log
+    r, ref = (json.loads((d / "results.json").read_text()) for d in (run_dir, reference))
+    assert r["test"] == ref["test"] and r["valid"] == ref["valid"] and r["train"]["sequences"] == ref["train"]["sequences"]
+    final = "step_00000160/mp_rank_00_model_states.pt"
+    a = torch.load(root / final, weights_only=False)["module"]
+    b = torch.load(ckpt.checkpoint_root(reference) / final, weights_only=False)["module"]
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert sorted(p.relative_to(ext).as_posix() for p in ext.rglob("*")) == ["deepspeed_shm_comm", "deepspeed_shm_comm/lock"]
 
 
 def test_kill_9_then_same_command_resumes_exactly(pipeline, tmp_path):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter
-
-import pytest
-
 import gc
+import itertools
 import subprocess
 import sys
 import textwrap
+from collections import Counter
+
+import pytest
 
 from seqrec.data.loader import ShardLoader, close_all, live_threads
 from seqrec.data.schema import SchemaError
