@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.seqrec-installed
 TORCH_VERSION ?= 2.13.0
 PETASTORM_VERSION ?= 0.13.1
+# TorchRec and its FBGEMM kernels are tied to one torch minor version: pinned as a pair. On CPU the
+# kernels come from fbgemm-gpu-cpu; torchrec declares the CUDA fbgemm-gpu, hence --no-deps (its runtime
+# deps are in requirements.txt). A GPU image installs the fbgemm-gpu build matching its torch instead.
+TORCHREC_VERSION ?= 1.8.0
+FBGEMM_PACKAGE ?= fbgemm-gpu-cpu==1.8.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test test-fast bench lint clean
@@ -21,6 +26,7 @@ $(STAMP): $(PY) requirements.txt pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -r requirements.txt
 	$(PY) -m pip install --no-deps "petastorm==$(PETASTORM_VERSION)"
+	$(PY) -m pip install --no-deps "torchrec==$(TORCHREC_VERSION)" "$(FBGEMM_PACKAGE)"
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

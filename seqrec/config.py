@@ -97,10 +97,21 @@ class InputConfig:
     """Events path (file, folder or glob) on any filesystem Spark can read (local, s3a://, gs://, hdfs://).
     For the adapter formats it may be the dataset folder (its standard file, e.g. u.data, is read)."""
     format: Literal[
-        "parquet", "csv", "json", "movielens-100k", "movielens-latest-small", "movielens-1m", "sequence-lines"
+        "parquet",
+        "csv",
+        "json",
+        "movielens-100k",
+        "movielens-latest-small",
+        "movielens-1m",
+        "sequence-lines",
+        "user-sequences",
+        "recbole",
     ] = "parquet"
     """Input format: generic tables, or an adapter that exposes fixed columns user_id, item_id, ts
-    (+ rating for MovieLens; sequence-lines has no ts and needs timestamp_format = "order")."""
+    (+ rating for MovieLens and RecBole). sequence-lines (`user item` lines) and user-sequences
+    (`user item1 item2 ...` lines) have no ts and need timestamp_format = "order"; recbole reads a
+    RecBole atomic `.inter` file (typed header; its `timestamp` field becomes ts). See
+    spark_jobs/adapters.py."""
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     """Column mapping."""
     timestamp_format: Literal["unix_s", "unix_ms", "iso", "order"] = "unix_s"
@@ -226,8 +237,29 @@ class DataConfig:
 
 @dataclass(kw_only=True, slots=True)
 class EmbeddingsConfig:
-    """The fused embedding table."""
+    """The id tables: every categorical feature (item ids, item side features, event features,
+    time-gap buckets, positions)."""
 
+    backend: Literal["dense", "torchrec"] = "dense"
+    """dense: one fused weight inside the model, trained by DeepSpeed's AdamW like any dense
+    parameter (every row gets a gradient and AdamW state every step; for catalogues up to ~10^5
+    items). torchrec: one TorchRec EmbeddingCollection outside the dense model, sharded across ranks
+    by TorchRec's planner and updated row by row inside backward (embeddings.table_optimizer, at
+    optim.embedding_lr); for large catalogues."""
+    table_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam", "lamb"] = "rowwise_adagrad"
+    """Optimizer of the TorchRec tables, fused into backward. The CPU kernels take rowwise_adagrad,
+    adagrad and sgd; adam and lamb need the GPU kernels."""
+    table_lr: float = 0.05
+    """Learning rate of the TorchRec table optimizer (constant; row-wise Adagrad adapts per row).
+    The dense backend's tables use optim.embedding_lr instead."""
+    table_eps: float = 1e-8
+    """Epsilon of the (row-wise) Adagrad table optimizer."""
+    sharding: list[str] = field(default_factory=list)
+    """Pinned sharding per table, e.g. ["item=row_wise", "category=table_wise"]; the planner chooses
+    for the others (row_wise or table_wise)."""
+    memory_budget_gib: float = 0.0
+    """Memory per rank the planner may give the tables and their optimizer state (0: the planner's
+    default for the device). A plan that does not fit stops the run naming the tables."""
     dim: int = 64
     """Width of the fused table (item rows included: they are also the output layer); when it differs
     from model.d_model, linear projections map into and out of the transformer."""

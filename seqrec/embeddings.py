@@ -1,13 +1,21 @@
-"""FusedEmbedding: many categorical features in one weight table, looked up with one call.
+"""Id tables: every categorical feature of the model, looked up with one call per batch.
 
-Every feature (item id, item side features, event features, time-gap buckets, positions) owns a
-contiguous block of rows in a single `weight` [R, D]; a feature's ids are shifted by its row offset,
-all shifted ids are concatenated and gathered with ONE `F.embedding` call, then split back per
-feature. One parameter instead of a dozen keeps optimizer groups, ZeRO partitioning and checkpoint
-layout simple, and one gather kernel replaces one per feature.
+The interface the model sees is `tables(ids) -> outputs`: `{feature: ids [*] or [*, K]}` ->
+`{feature: [*, D]}`, multi-valued features pooled over their non-pad ids. A feature reads one table;
+a table may serve several features (the item table also serves `item_label` and `item_candidate`,
+the loss's label and candidate rows: `TableSpec.aliases`). Two implementations:
 
-The first table starts at row 0; the model puts the item table first, so `weight[:num_items]` are the
-item rows and double as the tied output layer.
+- `FusedEmbedding` (here, `embeddings.backend = "dense"`): every table owns a contiguous block of
+  rows in a single `weight` [R, D]; ids are shifted by their table's row offset, concatenated and
+  gathered with ONE `F.embedding` call, then split back per feature. It is a dense parameter of the
+  model, trained by DeepSpeed's optimizer (dense gradient and AdamW state for every row).
+- `seqrec.tables.ShardedTables` (`embeddings.backend = "torchrec"`): one TorchRec
+  `EmbeddingCollection` (table-batched FBGEMM kernels), sharded across ranks by TorchRec's planner,
+  updated by a row-wise optimizer fused into backward. It lives outside the model (built and
+  injected by the engine side), so this module stays free of torch.distributed.
+
+`pool` is the one pooling rule both share. The first table starts at row 0; the model puts the item
+table first, so `weight[:num_items]` are the item rows.
 
 Shapes: R total rows, D embedding width, K values per row of a multi-valued feature; `*` is any batch
 shape (e.g. [B, L]).
@@ -36,14 +44,20 @@ class TableSpec:
     """One categorical feature of a FusedEmbedding.
 
     Args:
-        name: feature name (the key of its ids in `forward`).
-        num_embeddings: rows of this feature (ids must be in [0, num_embeddings)).
+        name: table name, also the name of the feature that reads it (the key of its ids in `forward`).
+        num_embeddings: rows of this table (ids must be in [0, num_embeddings)).
         multi_valued: ids have a trailing K axis (padded with 0) that is pooled to one vector.
+        aliases: more feature names that read this table (single-valued lookups).
     """
 
     name: str
     num_embeddings: int
     multi_valued: bool = False
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
 
 
 def _pool_sum(emb_XKD: Tensor, keep_XK: Tensor) -> Tensor:
@@ -59,12 +73,29 @@ def _pool_mean(emb_XKD: Tensor, keep_XK: Tensor) -> Tensor:
 POOLING = {"sum": _pool_sum, "mean": _pool_mean}
 
 
+def pool(emb_XD: Tensor, ids: Tensor, multi_valued: bool, pooling: str) -> Tensor:
+    """Per-id vectors [ids.numel(), D] of one feature -> [*ids.shape, D], or [*ids.shape[:-1], D]
+    pooled over the non-pad ids of a multi-valued feature."""
+    emb = emb_XD.view(*ids.shape, emb_XD.shape[-1])
+    return POOLING[pooling](emb, ids != PAD_ID) if multi_valued else emb
+
+
+def feature_tables(tables: Sequence[TableSpec]) -> dict[str, TableSpec]:
+    """feature name -> the table it reads (names and aliases must be unique across tables)."""
+    out: dict[str, TableSpec] = {}
+    for t in tables:
+        for f in t.features:
+            if f in out:
+                raise ValueError(f"feature '{f}' is read by two tables ('{out[f].name}' and '{t.name}')")
+            out[f] = t
+    return out
+
+
 class FusedEmbedding(nn.Module):
-    """All categorical features in one weight [sum(num_embeddings), dim] with per-feature row offsets.
+    """All categorical features in one weight [sum(num_embeddings), dim] with per-table row offsets.
 
     `forward` looks every feature up with a single `F.embedding` call; multi-valued features are pooled
-    (sum or mean over non-pad ids, pad = 0); each feature's output is multiplied by a learnable scalar
-    `scale[feature]` (initialised to 1) so the model can weigh features against each other.
+    (sum or mean over non-pad ids, pad = 0).
 
     Single-valued features do not treat id 0 specially: the pad row is an ordinary row, exactly like
     `nn.Embedding` without `padding_idx` (the model masks padded positions itself).
@@ -87,6 +118,7 @@ class FusedEmbedding(nn.Module):
         super().__init__()
         _check_tables(tables, dim, multi_pooling)
         self.tables: dict[str, TableSpec] = {t.name: t for t in tables}
+        self.feature_tables = feature_tables(tables)
         self.offsets: dict[str, int] = {}
         row = 0
         for t in tables:
@@ -96,15 +128,12 @@ class FusedEmbedding(nn.Module):
         self.dim = dim
         self.multi_pooling = multi_pooling
         self.init_std = init_std
-        self._scale_index = {t.name: i for i, t in enumerate(tables)}
         self.weight = nn.Parameter(torch.empty(row, dim))
-        self.scale = nn.Parameter(torch.empty(len(tables)))
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Normal(0, init_std) rows, unit scales (also after `to_empty` from the meta device)."""
+        """Normal(0, init_std) rows (also after `to_empty` from the meta device)."""
         nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
-        nn.init.ones_(self.scale)
 
     def rows(self, name: str) -> slice:
         """The rows of `weight` that belong to feature `name`."""
@@ -117,28 +146,18 @@ class FusedEmbedding(nn.Module):
             return {}
         flat_ids: list[Tensor] = []
         for name, x in ids.items():
-            spec = self._spec(name, x)
-            _check_range(name, x, spec.num_embeddings)
-            flat_ids.append(x.reshape(-1).long() + self.offsets[name])
+            spec = check_ids(self.feature_tables, name, x)
+            flat_ids.append(x.reshape(-1).long() + self.offsets[spec.name])
         emb_RD = F.embedding(torch.cat(flat_ids), self.weight)  # the one lookup for all features
         pieces = emb_RD.split([t.numel() for t in flat_ids])
-        out: dict[str, Tensor] = {}
-        for (name, x), emb in zip(ids.items(), pieces, strict=True):
-            emb = emb.view(*x.shape, self.dim)
-            if self.tables[name].multi_valued:
-                emb = POOLING[self.multi_pooling](emb, x != PAD_ID)
-            out[name] = emb * self.scale[self._scale_index[name]]
-        return out
+        return {
+            name: pool(emb, x, self._multi(name), self.multi_pooling)
+            for (name, x), emb in zip(ids.items(), pieces, strict=True)
+        }
 
-    def _spec(self, name: str, x: Tensor) -> TableSpec:
-        if name not in self.tables:
-            raise KeyError(f"FusedEmbedding has no feature '{name}' (has {sorted(self.tables)})")
-        spec = self.tables[name]
-        if spec.multi_valued and x.dim() < 1:
-            raise ValueError(
-                f"feature '{name}' is multi-valued: ids need a trailing K axis, got shape {tuple(x.shape)}"
-            )
-        return spec
+    def _multi(self, feature: str) -> bool:
+        spec = self.feature_tables[feature]
+        return spec.multi_valued and feature == spec.name
 
     def extra_repr(self) -> str:
         feats = ", ".join(
@@ -162,8 +181,20 @@ def _check_tables(tables: Sequence[TableSpec], dim: int, multi_pooling: str) -> 
         raise ValueError(f"multi_pooling must be one of {sorted(POOLING)}, got {multi_pooling!r}")
 
 
+def check_ids(feature_tables: dict[str, TableSpec], name: str, ids: Tensor) -> TableSpec:
+    """The table of feature `name`, after checking the ids' shape and range."""
+    if name not in feature_tables:
+        raise KeyError(f"no id table serves feature '{name}' (features: {sorted(feature_tables)})")
+    spec = feature_tables[name]
+    if spec.multi_valued and name == spec.name and ids.dim() < 1:
+        raise ValueError(f"feature '{name}' is multi-valued: ids need a trailing K axis, got shape {tuple(ids.shape)}")
+    _check_range(name, ids, spec.num_embeddings)
+    return spec
+
+
 def _check_range(name: str, ids: Tensor, num_embeddings: int) -> None:
-    """Out-of-range ids would silently read another feature's rows, so they are always checked."""
+    """Out-of-range ids would silently read another table's rows (FBGEMM would silently read row 0),
+    so they are always checked."""
     if ids.numel() == 0:
         return
     if ids.device.type == "cpu":

@@ -8,15 +8,15 @@ An export folder loads without DeepSpeed or a process group:
     vocab/<feature>.parquet  raw value <-> id, to map recommendations back to catalogue ids
 
 `recommend` reads histories in the shard layout (any split folder or file written by `seqrec
-prepare`), scores every item for the next event after the whole history, excludes items already in
-the history, and writes `user, rank, item, score` rows, batch by batch.
+prepare`, a local path or a URL such as s3://bucket/prefix/test), scores every item for the next
+event after the whole history, excludes items already in the history, and writes `user, rank, item,
+score` rows, batch by batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 
 from seqrec import checkpoint as ckpt
 from seqrec.config import RunConfig, from_dict, to_dict
+from seqrec.data import storage
 from seqrec.data.schema import (
     COL_ITEM,
     COL_USER,
@@ -62,7 +63,10 @@ def consolidated_state_dict(folder: Path, zero_stage: int) -> dict[str, torch.Te
 
 
 def export_model(cfg: RunConfig, *, checkpoint: str = "best", output: str | Path) -> Path:
-    """Write a self-contained export of `checkpoint` ('best', 'last' or a folder) of cfg.run_dir."""
+    """Write a self-contained export of `checkpoint` ('best', 'last' or a folder) of cfg.run_dir.
+
+    The data folder (cfg.data.path) may be a URL; the export folder and the run folder are local.
+    """
     out = Path(output)
     try:
         folder = ckpt.resolve(ckpt.checkpoint_root(cfg.run_dir), checkpoint)
@@ -76,11 +80,12 @@ def export_model(cfg: RunConfig, *, checkpoint: str = "best", output: str | Path
         raise SchemaError(f"{folder}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "config": to_dict(cfg), "checkpoint": str(folder)}, out / MODEL_FILE)
-    shutil.copy2(manifest.manifest_path, out / MANIFEST_FILE)
-    shutil.copy2(manifest.path(ITEM_FEATURES_FILE), out / ITEM_FEATURES_FILE)
-    vocab = Path(manifest.path(VOCAB_DIR))
-    if vocab.is_dir():
-        shutil.copytree(vocab, out / VOCAB_DIR, dirs_exist_ok=True)
+    # The data folder may be a URL (s3://...): copy through the storage layer.
+    storage.copy_file(manifest.manifest_path, out / MANIFEST_FILE)
+    storage.copy_file(manifest.path(ITEM_FEATURES_FILE), out / ITEM_FEATURES_FILE)
+    vocab = manifest.path(VOCAB_DIR)
+    if storage.is_dir(vocab):
+        storage.copy_tree(vocab, out / VOCAB_DIR)
     log.info("exported %s to %s", folder, out)
     return out
 
@@ -123,8 +128,9 @@ def _item_values(folder: Path, num_items: int) -> np.ndarray:
     return values
 
 
-def _history_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+def _history_files(path: str) -> list[str]:
+    """The Parquet files of a history folder, or the one file given; local paths or URLs."""
+    files = storage.list_files(path, ".parquet") if storage.is_dir(path) else [path]
     if not files:
         raise SchemaError(f"{path}: no Parquet files with histories")
     return files
@@ -138,8 +144,8 @@ def recommend(*, model_dir: str | Path, histories: str | Path, output: str | Pat
     tensor_cols = [COL_ITEM, "ts", *manifest.event_features]
     writer, rows = None, 0
     tmp = Path(str(output) + ".tmp")
-    for file in _history_files(Path(histories)):
-        pf = pq.ParquetFile(file)
+    for file in _history_files(str(histories)):
+        pf = storage.parquet_file(file)
         missing = [c for c in [COL_USER, *tensor_cols] if c not in pf.schema_arrow.names]
         if missing:
             raise SchemaError(f"{file}: missing columns {missing} (expected the shard layout of `seqrec prepare`)")

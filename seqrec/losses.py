@@ -1,8 +1,16 @@
 """Training objectives over the item table: full softmax, sampled softmax (logQ), in-batch negatives.
 
-Every loss is an `nn.Module` called as `loss(query_ND, labels_N, item_weight_VD) -> scalar`, the mean
-over the N counted labels (0 when N == 0, still attached to the graph). `build_loss` picks one through
-the single dict `LOSSES` keyed by `LossConfig.kind`.
+Losses never read the item table: they get the rows they need from the model's one table lookup,
+so the same loss works on a dense table and on a TorchRec table sharded across ranks. A loss says
+which item rows it needs (`candidate_ids(labels_N)`, plus the label rows when `needs_label_rows`),
+and is called as `loss(query_ND, labels_N, label_ND, candidates_C, cand_CD) -> scalar`, the mean over
+the N counted labels (0 when N == 0, still attached to the graph); `label_ND` is None when the loss
+does not need it. `build_loss` picks one through the single dict `LOSSES` keyed by `LossConfig.kind`.
+
+- full: every item is a candidate (`candidates_C` = 0..V-1, pad and unknown masked): for catalogues
+  whose [N, V] logits fit.
+- sampled: the label rows plus `num_negatives` shared negatives: for large catalogues.
+- in_batch: the unique labels of the batch are the candidates.
 
 Logits are `query . item / temperature`, computed in float32. Ids 0 (pad) and 1 (unknown) are never
 candidates. Sampled and in-batch logits subtract log(expected occurrences of the item among the
@@ -10,7 +18,7 @@ negatives) from the positive AND the negative logits (logQ correction, Yi et al.
 the sampled softmax a consistent estimate of the full one.
 
 Legend: N counted labels (query rows), D width, V catalogue size (incl. pad/unk), M sampled
-negatives, C unique in-batch candidates.
+negatives, C candidates (V, M or the unique labels).
 """
 
 from __future__ import annotations
@@ -74,15 +82,24 @@ class _CountsLoss(nn.Module):
 class FullSoftmaxLoss(nn.Module):
     """Cross-entropy over every item (pad and unknown columns masked)."""
 
+    needs_label_rows = False
+
     def __init__(self, cfg: LossConfig, item_counts: Tensor) -> None:
         super().__init__()
         self.temperature = cfg.temperature
+        self.num_items = len(item_counts)
 
     def init_buffers(self) -> None:
         """Nothing derived from data to restore."""
 
-    def forward(self, query_ND: Tensor, labels_N: Tensor, item_weight_VD: Tensor) -> Tensor:
-        logits_NV = (query_ND @ item_weight_VD.T).float() / self.temperature
+    def candidate_ids(self, labels_N: Tensor) -> Tensor:
+        """Every item id 0..V-1 (the label's column is its id)."""
+        return torch.arange(self.num_items, device=labels_N.device)
+
+    def forward(
+        self, query_ND: Tensor, labels_N: Tensor, label_ND: Tensor | None, candidates_V: Tensor, cand_VD: Tensor
+    ) -> Tensor:
+        logits_NV = (query_ND @ cand_VD.T).float() / self.temperature
         logits_NV[:, :NUM_RESERVED_IDS] = -float("inf")
         return _mean(F.cross_entropy(logits_NV, labels_N, reduction="none"))
 
@@ -91,10 +108,12 @@ class SampledSoftmaxLoss(_CountsLoss):
     """Softmax over the label plus `num_negatives` items shared by the whole batch.
 
     Negatives are drawn with replacement from q (uniform over real items, or count^alpha) with
-    `torch.multinomial` on the default generator. A negative equal to a row's label is masked for that
-    row (accidental hit). Passing `negatives_M` explicitly skips sampling (the logQ terms still use q):
-    with all real items once and a uniform q this is exactly the full softmax.
+    `torch.multinomial` on the default generator (`candidate_ids`, before the table lookup). A
+    negative equal to a row's label is masked for that row (accidental hit). With all real items
+    once as the negatives and a uniform q this is exactly the full softmax.
     """
+
+    needs_label_rows = True
 
     def __init__(self, cfg: LossConfig, item_counts: Tensor) -> None:
         super().__init__(cfg, item_counts)
@@ -111,14 +130,17 @@ class SampledSoftmaxLoss(_CountsLoss):
         q_V = self.proposal() if q_V is None else q_V
         return torch.multinomial(q_V, self.num_negatives, replacement=True)
 
+    def candidate_ids(self, labels_N: Tensor) -> Tensor:
+        """The shared negatives of this batch."""
+        return self.sample().to(labels_N.device)
+
     def forward(
-        self, query_ND: Tensor, labels_N: Tensor, item_weight_VD: Tensor, negatives_M: Tensor | None = None
+        self, query_ND: Tensor, labels_N: Tensor, label_ND: Tensor | None, negatives_M: Tensor, neg_MD: Tensor
     ) -> Tensor:
+        assert label_ND is not None, "the sampled softmax needs the label rows"
         q_V = self.proposal()
-        if negatives_M is None:
-            negatives_M = self.sample(q_V)
-        pos_N = (query_ND * item_weight_VD[labels_N]).sum(-1).float() / self.temperature
-        neg_NM = (query_ND @ item_weight_VD[negatives_M].T).float() / self.temperature
+        pos_N = (query_ND * label_ND).sum(-1).float() / self.temperature
+        neg_NM = (query_ND @ neg_MD.T).float() / self.temperature
         if self.logq_correction:
             log_expected_V = (q_V * len(negatives_M)).log().float()
             pos_N = pos_N - log_expected_V[labels_N]
@@ -138,9 +160,17 @@ class InBatchSoftmaxLoss(_CountsLoss):
     from every logit when `logq_correction` is on (popular items are not over-penalised).
     """
 
-    def forward(self, query_ND: Tensor, labels_N: Tensor, item_weight_VD: Tensor) -> Tensor:
-        candidates_C, target_N = torch.unique(labels_N, sorted=True, return_inverse=True)
-        logits_NC = (query_ND @ item_weight_VD[candidates_C].T).float() / self.temperature
+    needs_label_rows = False
+
+    def candidate_ids(self, labels_N: Tensor) -> Tensor:
+        """The unique labels of the batch, sorted."""
+        return torch.unique(labels_N, sorted=True)
+
+    def forward(
+        self, query_ND: Tensor, labels_N: Tensor, label_ND: Tensor | None, candidates_C: Tensor, cand_CD: Tensor
+    ) -> Tensor:
+        target_N = torch.searchsorted(candidates_C, labels_N)
+        logits_NC = (query_ND @ cand_CD.T).float() / self.temperature
         if self.logq_correction:
             p_C = _popularity_q(self.item_counts_V, 1.0)[candidates_C]
             # log(1 - (1 - p)^N), computed stably for tiny p.

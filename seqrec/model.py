@@ -41,8 +41,13 @@ if TYPE_CHECKING:
     from seqrec.data.schema import Manifest
 
 ITEM = "item"
-TIME_GAP = "time_gap"  # fused-table feature names the model adds itself
+TIME_GAP = "time_gap"  # id-table feature names the model adds itself
 POSITION = "position"
+ITEM_LABEL = "item_label"  # the item table's rows for the loss: labels and candidates
+ITEM_CANDIDATE = "item_candidate"
+RESERVED_FEATURES = (TIME_GAP, POSITION, ITEM_LABEL, ITEM_CANDIDATE)
+
+Lookups = tuple[dict[str, Tensor], dict[str, Tensor]]  # (ids per feature, their rows per feature)
 MAX_TIME_BUCKETS = 62  # bucket boundaries are powers of two in int64
 
 
@@ -248,7 +253,16 @@ class SeqRecModel(nn.Module):
         self.item_feature_names = list(spec.item_features) if emb_cfg.use_item_features else []
         self.event_feature_names = list(spec.event_features) if emb_cfg.use_actions else []
         self.num_time_buckets = emb_cfg.num_time_buckets if emb_cfg.use_time_gaps else 0
-        self.embeddings = FusedEmbedding(self._tables(), emb_cfg.dim, multi_pooling=emb_cfg.multi_pooling)
+        self.tables = self._tables()
+        # The id tables: inside the model (dense, DeepSpeed trains them) or outside it (TorchRec,
+        # sharded and updated in backward; built by seqrec.tables and passed in as `lookups`).
+        self.embeddings = (
+            FusedEmbedding(self.tables, emb_cfg.dim, multi_pooling=emb_cfg.multi_pooling)
+            if emb_cfg.backend == "dense"
+            else None
+        )
+        self._scale_index = {t.name: i for i, t in enumerate(self.tables)}
+        self.feature_scale = nn.Parameter(torch.ones(len(self.tables)))  # one learned weight per input feature
         for name in self.item_feature_names:
             # Persistent, so a state_dict alone reproduces the scores (export, serving).
             self.register_buffer(_buffer_name(name), spec.item_features[name].detach().clone().long())
@@ -262,7 +276,8 @@ class SeqRecModel(nn.Module):
 
     def _tables(self) -> list[TableSpec]:
         spec = self.spec
-        tables = [TableSpec(ITEM, spec.num_items)]
+        # The item table also serves the loss's label and candidate rows (tied output layer).
+        tables = [TableSpec(ITEM, spec.num_items, aliases=(ITEM_LABEL, ITEM_CANDIDATE))]
         tables += [
             TableSpec(n, spec.item_feature_sizes[n], spec.item_features[n].dim() == 2)
             for n in self.item_feature_names
@@ -271,10 +286,11 @@ class SeqRecModel(nn.Module):
         if self.num_time_buckets:
             tables.append(TableSpec(TIME_GAP, self.num_time_buckets + schema.NUM_RESERVED_IDS))
         tables.append(TableSpec(POSITION, spec.max_len))
-        names = [t.name for t in tables]
+        names = [f for t in tables for f in t.features]
         if len(set(names)) != len(names):
             raise ValueError(
-                f"feature names collide in the fused table: {names} ('{TIME_GAP}' and '{POSITION}' are reserved)"
+                f"feature names collide in the id tables: {names} "
+                f"({', '.join(repr(n) for n in RESERVED_FEATURES)} are reserved)"
             )
         return tables
 
@@ -283,7 +299,9 @@ class SeqRecModel(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear | nn.LayerNorm):
                 module.reset_parameters()
-        self.embeddings.init_weights()
+        if self.embeddings is not None:
+            self.embeddings.init_weights()
+        nn.init.ones_(self.feature_scale)
         for name in self.item_feature_names:
             buf = getattr(self, _buffer_name(name))
             buf.copy_(self.spec.item_features[name].to(buf.device))
@@ -294,46 +312,32 @@ class SeqRecModel(nn.Module):
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.parameters())
 
     def forward(
-        self, batch: dict[str, Tensor], task: Literal["train", "score"] = "train"
+        self,
+        batch: dict[str, Tensor],
+        task: Literal["train", "score", "query"] = "train",
+        lookups: Lookups | None = None,
     ) -> dict[str, Tensor]:
-        """train: {"loss", "num_tokens"}; score: {"scores": [B, V] float32, pad/unk = -inf}."""
+        """train: {"loss", "num_tokens"}; score: {"scores": [B, V] float32, pad/unk = -inf};
+        query: {"query": [B, E]} (the user state that scores items by a dot product).
+
+        `lookups` = (ids, rows) from an id table outside the model (`lookup_ids`, then the table);
+        without it the model's own table (`embeddings.backend = "dense"`) looks the ids up.
+        """
         if task not in TASKS:
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
-        return TASKS[task](self, batch)
+        if lookups is None:
+            if self.embeddings is None:
+                raise ValueError("this model's id tables live outside it (embeddings.backend = 'torchrec'): pass lookups")
+            ids = self.lookup_ids(batch, task)
+            lookups = (ids, self.embeddings(ids))
+        return TASKS[task](self, batch, *lookups)
 
-    def train_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Mean loss over counted labels (label > 1 at a real input position) and their count."""
+    def lookup_ids(self, batch: dict[str, Tensor], task: str = "train") -> dict[str, Tensor]:
+        """Every id this forward reads from the id tables, per feature: the input events' item,
+        side-feature, event-feature, time-gap and position ids, and for training the loss's label
+        and candidate rows (negatives are drawn here, before the one lookup)."""
         item_BW = batch[ITEM]
-        h_BLD = self.encode(batch)
-        labels_BL = item_BW[:, 1:]
-        counted_BL = (labels_BL > UNK_ID) & (item_BW[:, :-1] != PAD_ID)
-        query_TE = self.out_proj(h_BLD[counted_BL])
-        # Tied output: the item rows of the fused table, used directly (ZeRO-3 external parameter).
-        loss = self.loss(query_TE, labels_BL[counted_BL].long(), self.embeddings.weight[: self.num_items])
-        return {"loss": loss, "num_tokens": counted_BL.sum()}
-
-    def score(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """float32 logits [B, V] of the state at the last input position (it predicts item[:, -1])."""
-        query_BE = self.out_proj(self.encode(batch)[:, -1])
-        # fp32 matmul even under autocast: bf16 scores would create ties, which rank pessimistically.
-        with torch.autocast(device_type=query_BE.device.type, enabled=False):
-            scores_BV = query_BE.float() @ self.embeddings.weight[: self.num_items].float().T
-        scores_BV[:, : schema.NUM_RESERVED_IDS] = -float("inf")
-        return {"scores": scores_BV}
-
-    def encode(self, batch: dict[str, Tensor]) -> Tensor:
-        """Final-normed hidden states h_BLD of the input events item[:, :-1] (position t sees events <= t)."""
-        item_BL = batch[ITEM][:, :-1]
-        valid_BL = item_BL != PAD_ID
-        x_BLD = self.dropout(self.in_proj(self.embed(batch)))
-        allowed_B1LL = attention_mask(valid_BL)
-        for block in self.blocks:
-            x_BLD = block(x_BLD, allowed_B1LL)
-        return self.final_norm(x_BLD)
-
-    def embed(self, batch: dict[str, Tensor]) -> Tensor:
-        """Summed fused embeddings emb_BLE of the input events; zero at padded positions."""
-        item_BL = batch[ITEM][:, :-1]
+        item_BL = item_BW[:, :-1]
         L = item_BL.shape[1]
         if L > self.max_len or L < 1:
             raise ValueError(
@@ -351,11 +355,63 @@ class SeqRecModel(nn.Module):
             )
         # Right-anchored positions: the last input event is always position max_len - 1.
         ids[POSITION] = torch.arange(self.max_len - L, self.max_len, device=item_BL.device)
-        emb_BLE = sum(self.embeddings(ids).values())
+        if task == "train":
+            labels_T = item_BW[:, 1:][counted_labels(item_BW)].long()
+            if self.loss.needs_label_rows:
+                ids[ITEM_LABEL] = labels_T
+            ids[ITEM_CANDIDATE] = self.loss.candidate_ids(labels_T)
+        return ids
+
+    def train_loss(self, batch: dict[str, Tensor], ids: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Mean loss over counted labels (label > 1 at a real input position) and their count."""
+        counted_BL = counted_labels(batch[ITEM])
+        query_TE = self.out_proj(self.encode(batch, rows)[counted_BL])
+        labels_T = batch[ITEM][:, 1:][counted_BL].long()
+        label_TE = self._dense(rows[ITEM_LABEL]) if self.loss.needs_label_rows else None
+        loss = self.loss(query_TE, labels_T, label_TE, ids[ITEM_CANDIDATE], self._dense(rows[ITEM_CANDIDATE]))
+        return {"loss": loss, "num_tokens": counted_BL.sum()}
+
+    def query(self, batch: dict[str, Tensor], ids: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The user state [B, E] at the last input position (it predicts item[:, -1])."""
+        return {"query": self.out_proj(self.encode(batch, rows)[:, -1])}
+
+    def score(self, batch: dict[str, Tensor], ids: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """float32 logits [B, V] against every item of the model's own (dense) item table."""
+        if self.embeddings is None:
+            raise ValueError("task 'score' needs the model's own item table; with sharded tables score per shard")
+        query_BE = self.query(batch, ids, rows)["query"]
+        # fp32 matmul even under autocast: bf16 scores would create ties, which rank pessimistically.
+        with torch.autocast(device_type=query_BE.device.type, enabled=False):
+            scores_BV = query_BE.float() @ self.embeddings.weight[: self.num_items].float().T
+        scores_BV[:, : schema.NUM_RESERVED_IDS] = -float("inf")
+        return {"scores": scores_BV}
+
+    def encode(self, batch: dict[str, Tensor], rows: dict[str, Tensor]) -> Tensor:
+        """Final-normed hidden states h_BLD of the input events item[:, :-1] (position t sees events <= t)."""
+        valid_BL = batch[ITEM][:, :-1] != PAD_ID
+        x_BLD = self.dropout(self.in_proj(self.embed(valid_BL, rows)))
+        allowed_B1LL = attention_mask(valid_BL)
+        for block in self.blocks:
+            x_BLD = block(x_BLD, allowed_B1LL)
+        return self.final_norm(x_BLD)
+
+    def embed(self, valid_BL: Tensor, rows: dict[str, Tensor]) -> Tensor:
+        """Sum of the input features' rows, each times its learned scale, emb_BLE; zero at padding."""
+        scale = self.feature_scale
+        emb_BLE = sum(self._dense(rows[name]) * scale[i] for name, i in self._scale_index.items())
         return emb_BLE * valid_BL.unsqueeze(-1).to(emb_BLE.dtype)
 
+    def _dense(self, rows: Tensor) -> Tensor:
+        # Rows from a table outside the model arrive in fp32; the dense tower may run in bf16.
+        return rows.to(self.feature_scale.dtype)
 
-TASKS = {"train": SeqRecModel.train_loss, "score": SeqRecModel.score}  # forward(task=...) -> method
+
+def counted_labels(item_BW: Tensor) -> Tensor:
+    """[B, L] True where the next-item label is a real item (> unknown) after a real input event."""
+    return (item_BW[:, 1:] > UNK_ID) & (item_BW[:, :-1] != PAD_ID)
+
+
+TASKS = {"train": SeqRecModel.train_loss, "score": SeqRecModel.score, "query": SeqRecModel.query}
 
 
 def _buffer_name(feature: str) -> str:

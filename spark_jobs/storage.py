@@ -1,24 +1,30 @@
 """File access for the files the job writes itself (shards, vocabularies, manifest), local or remote.
 
-Python-side writes go through `pyarrow.fs` so executors can write shards directly: local paths,
-`hdfs://` (libhdfs), `s3://` and `s3a://` (mapped to pyarrow's `s3://`; credentials from the usual
-AWS environment), `gs://`. Folder operations of the commit (rename, delete) go through Hadoop's
-FileSystem in the JVM (`OutputDir`), the same one Spark uses for reading and the quarantine table.
+Python-side reads and writes go through `seqrec.data.storage`, the one URL -> file system mapping
+that the trainer reads with too, so executors write shards directly: local paths, `hdfs://`
+(libhdfs), `s3://`, `s3a://` and `s3n://` (pyarrow's S3; credentials, endpoint and region from the
+usual AWS environment), `gs://`. The job's own options are fixed here (zstd, so the same data gives
+the same bytes). Folder operations of the commit (rename, delete) go through Hadoop's FileSystem in
+the JVM (`OutputDir`), the same one Spark uses for reading and for the quarantine table.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-_ARROW_SCHEMES = {"s3a": "s3", "s3n": "s3"}
+from seqrec.data import storage
+
+COMPRESSION = "zstd"
+exists = storage.exists
+read_table = storage.read_table
+sha256 = storage.sha256
+write_bytes = storage.write_bytes
 
 
 def absolute(path: str) -> str:
@@ -26,58 +32,13 @@ def absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), str(Path(uri).resolve())
-    scheme, rest = uri.split("://", 1)
-    if scheme == "file":
-        return pafs.LocalFileSystem(), "/" + rest.lstrip("/")
-    return pafs.FileSystem.from_uri(f"{_ARROW_SCHEMES.get(scheme, scheme)}://{rest}")
-
-
-def _parent(fs: pafs.FileSystem, path: str) -> None:
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-
-
 def write_table(table: pa.Table, uri: str) -> None:
-    fs, path = _fs(uri)
-    _parent(fs, path)
-    pq.write_table(table, path, filesystem=fs, compression="zstd")
-
-
-def read_table(uri: str) -> pa.Table:
-    fs, path = _fs(uri)
-    return pq.read_table(path, filesystem=fs)
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    fs, path = _fs(uri)
-    _parent(fs, path)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
-def exists(uri: str) -> bool:
-    fs, path = _fs(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    storage.write_table(table, uri, compression=COMPRESSION)
 
 
 def parquet_writer(uri: str, schema: pa.Schema) -> pq.ParquetWriter:
     """A ParquetWriter with the job's fixed options (same data -> same bytes)."""
-    fs, path = _fs(uri)
-    _parent(fs, path)
-    return pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd")
-
-
-def sha256(uri: str, chunk_bytes: int = 1 << 20) -> str:
-    fs, path = _fs(uri)
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
+    return storage.parquet_writer(uri, schema, compression=COMPRESSION)
 
 
 def _remove_stale_temps(parent: Path, name: str) -> None:

@@ -24,12 +24,11 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from seqrec.data import storage
 from seqrec.data.schema import COL_LENGTH, COL_USER, Manifest, SchemaError, verify_split
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ def row_groups_per_rank(manifest: Manifest, split: str, world_size: int) -> list
     rows = [0] * world_size
     g = 0
     for f in sorted(manifest.files(split), key=lambda f: manifest.path(f.path)):
-        meta = pq.ParquetFile(manifest.path(f.path)).metadata
+        meta = storage.parquet_file(manifest.path(f.path)).metadata
         for i in range(meta.num_row_groups):
             rows[g % world_size] += meta.row_group(i).num_rows
             g += 1
@@ -125,8 +124,9 @@ class ShardLoader:
             )
         self.state = LoaderState()
         files = sorted(manifest.path(f.path) for f in manifest.files(split))
-        self.urls = [Path(p).resolve().as_uri() if "://" not in p else p for p in files]
-        schema = pq.ParquetFile(files[0]).schema_arrow
+        # Local shards: file:// URLs; remote ones (s3://...): URLs plus a file system (see storage).
+        self.urls, self.filesystem = storage.petastorm_source(files)
+        schema = storage.parquet_file(files[0]).schema_arrow
         self.columns = [n for n in schema.names if n != COL_USER]
 
     # ---------------------------------------------------------------- state
@@ -148,6 +148,7 @@ class ShardLoader:
         _quiet_petastorm()
         reader = make_batch_reader(
             self.urls,
+            filesystem=self.filesystem,
             schema_fields=self.columns,
             # The thread pool of petastorm 0.13.1 loses row groups now and then (seen here: 3 of 12
             # reads of 15 row groups came back short). The synchronous pool is exact; our own

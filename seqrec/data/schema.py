@@ -28,11 +28,14 @@ last label (the target) is scored, so the same row layout serves all splits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from seqrec.data import storage
+from seqrec.data.errors import SchemaError, StorageError
+from seqrec.data.storage import join
 
 SCHEMA_VERSION = 1
 PAD_ID = 0
@@ -62,8 +65,7 @@ KIND_EVENT = "event"  # per-event feature (action type, context)
 FEATURE_KINDS = (KIND_ITEM, KIND_ITEM_SINGLE, KIND_ITEM_MULTI, KIND_EVENT)
 
 
-class SchemaError(ValueError):
-    """Shards or manifest do not match the contract; the message names the file."""
+__all__ = ["SchemaError", "StorageError", "join"]  # re-exported: callers import them from here
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,17 +143,9 @@ class Manifest:
         return join(self.root, relative)
 
 
-def join(root: str, relative: str) -> str:
-    """Join a folder and a relative path; works for local paths and URLs (s3a://...)."""
-    return root.rstrip("/") + "/" + relative if "://" in root else str(Path(root) / relative)
-
-
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a local file or URL (seqrec.data.storage)."""
+    return storage.sha256(path, chunk_bytes)
 
 
 def _require(raw: dict[str, Any], key: str, path: str) -> Any:
@@ -182,13 +176,13 @@ def parse_manifest(raw: dict[str, Any], root: str) -> Manifest:
 
 
 def read_manifest(root: str | Path) -> Manifest:
-    """Read and validate `<root>/manifest.json` (local folders)."""
+    """Read and validate `<root>/manifest.json`; `root` is a local folder or a URL (seqrec.data.storage)."""
     root = str(root)
-    path = Path(join(root, MANIFEST_FILE))
-    if not path.is_file():
+    path = join(root, MANIFEST_FILE)
+    if not storage.is_file(path):
         raise SchemaError(f"{path}: no manifest; is this a finished `seqrec prepare` output folder?")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(storage.read_bytes(path))
     except json.JSONDecodeError as e:
         raise SchemaError(f"{path}: manifest is not valid JSON ({e})") from None
     return parse_manifest(raw, root)
@@ -196,14 +190,14 @@ def read_manifest(root: str | Path) -> Manifest:
 
 def verify_split(manifest: Manifest, split: str, check_sha256: bool = False) -> None:
     """Check every shard of a split exists and has the row count the manifest records."""
-    import pyarrow.parquet as pq
-
     for f in manifest.files(split):
         path = manifest.path(f.path)
-        if not Path(path).is_file():
+        if not storage.is_file(path):
             raise SchemaError(f"{path}: shard listed in {manifest.manifest_path} is missing")
         try:
-            meta = pq.ParquetFile(path).metadata
+            meta = storage.parquet_file(path).metadata
+        except StorageError:
+            raise
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise SchemaError(f"{path}: not a readable Parquet file ({e})") from None
         if meta.num_rows != f.rows:
@@ -214,12 +208,10 @@ def verify_split(manifest: Manifest, split: str, check_sha256: bool = False) -> 
 
 def item_features_table(manifest: Manifest) -> Any:
     """The item feature table as a pyarrow Table, checked against the manifest."""
-    import pyarrow.parquet as pq
-
     path = manifest.path(ITEM_FEATURES_FILE)
-    if not Path(path).is_file():
+    if not storage.is_file(path):
         raise SchemaError(f"{path}: item feature table is missing")
-    table = pq.read_table(path)
+    table = storage.read_table(path)
     if table.num_rows != manifest.num_items:
         raise SchemaError(f"{path}: {table.num_rows} rows but features.item.num_embeddings is {manifest.num_items}")
     missing = [c for c in [COL_ITEM, COL_TRAIN_COUNT, *manifest.item_side_features] if c not in table.column_names]

@@ -1,4 +1,4 @@
-"""FusedEmbedding equals one nn.Embedding per feature (forward and gradients), plus its contracts."""
+"""FusedEmbedding equals one nn.Embedding per table (forward and gradients), plus its contracts."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def reference_forward(
 ) -> tuple[dict, dict[str, nn.Embedding]]:
     """Per-feature nn.Embedding with copies of the fused rows; masked sum/mean for multi-valued ones."""
     tables, out = {}, {}
-    for i, (name, spec) in enumerate(emb.tables.items()):
+    for name, spec in emb.tables.items():
         table = nn.Embedding(spec.num_embeddings, emb.dim)
         with torch.no_grad():
             table.weight.copy_(emb.weight[emb.rows(name)])
@@ -32,7 +32,7 @@ def reference_forward(
             vec = (vec * keep).sum(-2)
             if emb.multi_pooling == "mean":
                 vec = vec / keep.sum(-2).clamp(min=1)
-        out[name] = vec * emb.scale.detach()[i]
+        out[name] = vec
     return out, tables
 
 
@@ -58,8 +58,6 @@ def test_forward_and_grads_equal_per_feature_embeddings(case: tuple) -> None:
     tables, dim, batch_shape, pooling, seed, used, k = case
     gen = torch.Generator().manual_seed(seed)
     emb = FusedEmbedding(tables, dim, multi_pooling=pooling)
-    with torch.no_grad():
-        emb.scale.copy_(torch.rand(len(tables), generator=gen) + 0.5)
     ids = {
         t.name: torch.randint(
             0, t.num_embeddings, batch_shape + ((k,) if t.multi_valued else ()), generator=gen
@@ -82,14 +80,16 @@ def test_forward_and_grads_equal_per_feature_embeddings(case: tuple) -> None:
         torch.testing.assert_close(emb.weight.grad[emb.rows(name)], want_grad)
 
 
-def test_scale_gradient_is_the_dot_with_the_unscaled_lookup() -> None:
-    emb = FusedEmbedding([TableSpec("item", 5), TableSpec("genre", 4, multi_valued=True)], 3)
-    ids = {"item": torch.tensor([2, 3]), "genre": torch.tensor([[1, 2], [0, 0]])}
-    out = emb(ids)
-    (out["item"].sum() + 2 * out["genre"].sum()).backward()
-    item_vecs = emb.weight.detach()[[2, 3]]
-    genre_vec = (emb.weight.detach()[5 + 1] + emb.weight.detach()[5 + 2]) / 2  # second row is all pad -> 0
-    torch.testing.assert_close(emb.scale.grad, torch.stack([item_vecs.sum(), 2 * genre_vec.sum()]))
+def test_aliases_read_the_same_rows_and_their_gradients_add_up() -> None:
+    emb = FusedEmbedding([TableSpec("item", 5, aliases=("item_label",)), TableSpec("cat", 4)], 3)
+    out = emb({"item": torch.tensor([2, 3]), "item_label": torch.tensor([3, 4]), "cat": torch.tensor([1])})
+    torch.testing.assert_close(out["item_label"], emb.weight[[3, 4]])
+    (out["item"].sum() + 2 * out["item_label"].sum()).backward()
+    want = torch.zeros(9, 3)
+    want[2], want[3], want[4] = 1, 3, 2
+    torch.testing.assert_close(emb.weight.grad, want)
+    with pytest.raises(ValueError, match="read by two tables"):
+        FusedEmbedding([TableSpec("item", 5, aliases=("cat",)), TableSpec("cat", 4)], 3)
 
 
 def test_offsets_rows_and_item_first() -> None:
@@ -136,7 +136,7 @@ def test_out_of_range_ids_are_refused_with_the_feature_name() -> None:
         emb({"item": torch.tensor([1, 5])})  # would otherwise read cat's first row
     with pytest.raises(ValueError, match="feature 'cat'.*min -1"):
         emb({"cat": torch.tensor([-1])})
-    with pytest.raises(KeyError, match="no feature 'genre'"):
+    with pytest.raises(KeyError, match="serves feature 'genre'"):
         emb({"genre": torch.tensor([1])})
     assert emb({}) == {}
 
@@ -157,4 +157,3 @@ def test_meta_build_then_init_weights() -> None:
     emb.to_empty(device="cpu")
     emb.init_weights()
     assert abs(emb.weight.std().item() - 0.05) < 0.003
-    assert torch.equal(emb.scale, torch.ones(2))
