@@ -18,7 +18,11 @@ from typing import Any
 
 import torch
 
-from seqrec.config import ConfigError, DistConfig, OptimConfig, TrainConfig
+from seqrec.config import ConfigError, DistConfig, EmbeddingsConfig, OptimConfig, TrainConfig
+from seqrec.data.schema import COL_ITEM, COL_TARGET
+from seqrec.metrics import target_ranks
+
+TABLES_DIR = "tables"  # the sharded tables inside a checkpoint folder (torch.distributed.checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +228,12 @@ def lr_lambda(optim: OptimConfig, max_steps: int):
 class Engine:
     """The DeepSpeed engine with the few verbs the trainer uses."""
 
-    def __init__(self, ds_engine: Any, info: DistInfo, precision: str, ds_config: dict) -> None:
+    def __init__(self, ds_engine: Any, info: DistInfo, precision: str, ds_config: dict, tables: Any = None) -> None:
         self.ds = ds_engine
         self.info = info
         self.precision = precision
         self.ds_config = ds_config
+        self.tables = tables  # seqrec.tables.ShardedTables, or None when the model owns its tables
 
     @property
     def module(self) -> torch.nn.Module:
@@ -240,7 +245,24 @@ class Engine:
         return {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()}
 
     def forward(self, batch: dict[str, torch.Tensor], task: str = "train") -> dict[str, torch.Tensor]:
-        return self.ds(self.to_device(batch), task=task)
+        batch = self.to_device(batch)
+        if self.tables is None:
+            return self.ds(batch, task=task)
+        ids = self.module.lookup_ids(batch, task)  # every id of this forward: one sharded lookup
+        return self.ds(batch, task=task, lookups=(ids, self.tables(ids)))
+
+    def rank(self, batch: dict[str, torch.Tensor], exclude_seen: bool) -> torch.Tensor:
+        """0-based full-ranking ranks [B] of the batch's targets (collective with sharded tables:
+        every rank scores its own item rows against all ranks' queries)."""
+        history = batch[COL_ITEM][:, :-1] if exclude_seen else None
+        if self.tables is None:
+            scores = self.forward(batch, task="score")["scores"]
+            return target_ranks(scores.float().cpu(), batch[COL_TARGET], history)
+        from seqrec.tables import sharded_target_ranks
+
+        query = self.forward(batch, task="query")["query"]
+        shards = self.tables.local_shards(self.tables.specs[0].name)  # the item table comes first
+        return sharded_target_ranks(query, batch[COL_TARGET].to(query.device), history, shards, self.tables.specs[0].num_embeddings)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
@@ -266,8 +288,10 @@ class Engine:
         return None if norm is None else float(norm)
 
     def save(self, root: Path, tag: str, client_state: dict[str, Any]) -> None:
-        """Collective: every rank writes its shard of the DeepSpeed checkpoint."""
+        """Collective: every rank writes its shard of the DeepSpeed checkpoint (and of the tables)."""
         self.ds.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        if self.tables is not None:
+            self.tables.save(root / tag / TABLES_DIR)
 
     def load(self, root: Path, tag: str, *, with_optimizer: bool = True) -> dict[str, Any]:
         """Collective. Returns the client state saved with the checkpoint."""
@@ -282,6 +306,8 @@ class Engine:
         )
         if path is None:
             raise FileNotFoundError(f"{root}/{tag}: DeepSpeed could not load this checkpoint")
+        if self.tables is not None:
+            self.tables.load(root / tag / TABLES_DIR, with_optimizer=with_optimizer)
         return client or {}
 
 
@@ -312,17 +338,39 @@ def build_engine(
     train: TrainConfig,
     optim: OptimConfig,
     dist: DistConfig,
+    embeddings: EmbeddingsConfig | None = None,
 ) -> Engine:
-    """Wrap `model` in a DeepSpeed engine with an AdamW client optimizer and the LR schedule."""
+    """Wrap `model` in a DeepSpeed engine with an AdamW client optimizer and the LR schedule.
+
+    A model whose id tables live outside it (`model.embeddings is None`: embeddings.backend =
+    "torchrec") gets them here, as sharded TorchRec tables (seqrec.tables) fed to its forward.
+    """
     ds = _deepspeed()
     precision = resolve_precision(train, info.device)
     ds_config = build_ds_config(train, optim, dist, info.world_size, precision)
+    tables = None
+    if getattr(model, "embeddings", "absent") is None:
+        from seqrec.tables import ShardedTables
+
+        if embeddings is None:
+            raise ValueError("a model without its own id tables needs the embeddings config to build them")
+        gas = ds_config["gradient_accumulation_steps"]
+        tables = ShardedTables(
+            model.tables,
+            embeddings,
+            device=info.device,
+            world_size=info.world_size,
+            seed=train.seed,
+            grad_scale=float(gas),  # undo DeepSpeed's 1/accumulation: tables update once per micro batch
+            multi_pooling=embeddings.multi_pooling,
+        )
+        log.info("id tables (TorchRec, %s at lr %g): %s", embeddings.table_optimizer, embeddings.table_lr, tables.describe())
     optimizer = torch.optim.AdamW(param_groups(model, optim), betas=(optim.beta1, optim.beta2), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, train.max_steps))
     ds_engine, _, _, _ = ds.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
-    if dist.zero_stage == 3 and hasattr(model, "embeddings"):
+    if dist.zero_stage == 3 and getattr(model, "embeddings", None) is not None:
         # The output layer reads the fused table's item rows outside the table's own forward
         # (tied weights), so ZeRO-3 must gather it for the whole model's forward too.
         ds.zero.register_external_parameter(ds_engine.module, ds_engine.module.embeddings.weight)
@@ -335,4 +383,4 @@ def build_engine(
         ds_config["gradient_accumulation_steps"],
         train.global_batch_size,
     )
-    return Engine(ds_engine, info, precision, ds_config)
+    return Engine(ds_engine, info, precision, ds_config, tables)

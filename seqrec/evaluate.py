@@ -41,6 +41,17 @@ log = logging.getLogger(__name__)
 PROTOCOL_SUFFIX = "_full"
 
 Scorer = Callable[[Batch], torch.Tensor]  # batch -> scores [B, num_items]
+Ranker = Callable[[Batch], torch.Tensor]  # batch -> 0-based target ranks [B] (long)
+
+
+def by_scores(scorer: Scorer, exclude_seen: bool) -> Ranker:
+    """A ranker from a scorer of the whole catalogue (`metrics.target_ranks`)."""
+
+    def rank(batch: Batch) -> torch.Tensor:
+        history = batch[COL_ITEM][:, :-1] if exclude_seen else None
+        return target_ranks(scorer(batch).float().cpu(), batch[COL_TARGET], history)
+
+    return rank
 
 
 def protocol(manifest: Manifest, cfg: EvalConfig) -> str:
@@ -55,7 +66,7 @@ def _padding_batch(like: Batch) -> Batch:
 
 @torch.no_grad()
 def rank_targets(
-    scorer: Scorer,
+    ranker: Ranker,
     manifest: Manifest,
     split: str,
     cfg: EvalConfig,
@@ -80,12 +91,11 @@ def rank_targets(
             if batch is not None:
                 batch = {k: v[: my_rows - taken] for k, v in batch.items()}
                 template = template or batch
-            scores = scorer(batch if batch is not None else _padding_batch(template or _first_batch(manifest, split, cfg)))
+            batch_ranks = ranker(batch if batch is not None else _padding_batch(template or _first_batch(manifest, split, cfg)))
             if batch is None:
                 continue
             taken += len(batch[COL_TARGET])
-            history = batch[COL_ITEM][:, :-1] if cfg.exclude_seen else None
-            ranks.append(target_ranks(scores.float().cpu(), batch[COL_TARGET], history))
+            ranks.append(batch_ranks.cpu())
             faults.point("eval")
     local = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
     device = info.device if info.device.type == "cuda" else torch.device("cpu")
@@ -105,10 +115,11 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: list[int]) -> dict[str, float]:
 
 
 def evaluate(
-    scorer: Scorer, manifest: Manifest, split: str, cfg: EvalConfig, info: DistInfo, *, max_users: int = 0
+    ranker: Ranker, manifest: Manifest, split: str, cfg: EvalConfig, info: DistInfo, *, max_users: int = 0
 ) -> dict[str, float]:
-    """{"hr@10": ..., "ndcg@10": ..., "mrr": ..., "count": ...} for one split."""
-    return metrics_from_ranks(rank_targets(scorer, manifest, split, cfg, info, max_users=max_users), cfg.ks)
+    """{"hr@10": ..., "ndcg@10": ..., "mrr": ..., "count": ...} for one split (`by_scores` makes a
+    ranker from a scorer; sharded tables rank with `Engine.rank`)."""
+    return metrics_from_ranks(rank_targets(ranker, manifest, split, cfg, info, max_users=max_users), cfg.ks)
 
 
 def popularity_scorer(item_counts: torch.Tensor) -> Scorer:
@@ -137,8 +148,8 @@ def evaluate_checkpoint(
     the training run used, so the numbers equal the run's own evaluation of that checkpoint. Runs in
     one process or under torchrun (each rank scores its part of the split).
     """
-    from seqrec.export import consolidated_state_dict
-    from seqrec.model import DataSpec, SeqRecModel
+    from seqrec.export import scoring_model
+    from seqrec.model import DataSpec
 
     info = init_distributed(cfg.dist) if DistInfo.launched() else DistInfo.single()
     try:
@@ -151,17 +162,14 @@ def evaluate_checkpoint(
     if client.get("schema_version") != SCHEMA_VERSION:
         raise SchemaError(f"{folder}: checkpoint schema_version {client.get('schema_version')} != {SCHEMA_VERSION}")
     spec = DataSpec.from_manifest(manifest)
-    model = SeqRecModel(spec, cfg.model, cfg.embeddings, cfg.loss)
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(folder, cfg.dist.zero_stage), strict=False)
-    if unexpected or [m for m in missing if not m.startswith("loss.")]:
-        raise SchemaError(f"{folder}: weights do not fit the model of this config (missing {missing}, unexpected {unexpected})")
+    model, _ = scoring_model(cfg, folder, spec)
     precision = client.get("precision") or resolve_precision(cfg.train, info.device)
     model = model.to(device=info.device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32).eval()
 
     def score(batch: Batch) -> torch.Tensor:
         return model({k: v.to(info.device) for k, v in batch.items()}, task="score")["scores"]
 
-    metrics = evaluate(score, manifest, split, cfg.eval, info)
+    metrics = evaluate(by_scores(score, cfg.eval.exclude_seen), manifest, split, cfg.eval, info)
     result = {
         "checkpoint": str(folder),
         "step": ckpt.step_of(folder),
@@ -170,7 +178,10 @@ def evaluate_checkpoint(
         "protocol": protocol(manifest, cfg.eval),
         "precision": precision,
         "metrics": named(metrics, split),
-        "popularity": named(evaluate(popularity_scorer(spec.item_counts), manifest, split, cfg.eval, info), split),
+        "popularity": named(
+            evaluate(by_scores(popularity_scorer(spec.item_counts), cfg.eval.exclude_seen), manifest, split, cfg.eval, info),
+            split,
+        ),
     }
     if info.is_main:
         out = Path(output) if output else Path(cfg.run_dir) / "eval" / f"{split}_{folder.name}.json"

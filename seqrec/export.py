@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,31 @@ def consolidated_state_dict(folder: Path, zero_stage: int) -> dict[str, torch.Te
     return state
 
 
+def scoring_model(cfg: RunConfig, folder: Path, spec: DataSpec) -> tuple[SeqRecModel, RunConfig]:
+    """The weights of checkpoint `folder` in a model that owns its tables, with the config that
+    builds it: a run with sharded TorchRec tables (embeddings.backend = "torchrec") gets its tables
+    consolidated from their shards into the dense layout (`seqrec.tables.consolidate`), so export,
+    recommend and `seqrec evaluate` need no process group."""
+    from seqrec.engine import TABLES_DIR
+
+    state = consolidated_state_dict(folder, cfg.dist.zero_stage)
+    if cfg.embeddings.backend == "torchrec":
+        from seqrec.tables import consolidate
+
+        cfg = replace(cfg, embeddings=replace(cfg.embeddings, backend="dense"))
+        model = SeqRecModel(spec, cfg.model, cfg.embeddings, cfg.loss)
+        try:
+            state["embeddings.weight"] = consolidate(folder / TABLES_DIR, model.tables, cfg.embeddings.dim)
+        except FileNotFoundError as e:
+            raise SchemaError(str(e)) from None
+    else:
+        model = SeqRecModel(spec, cfg.model, cfg.embeddings, cfg.loss)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.startswith("loss.")]:
+        raise SchemaError(f"{folder}: weights do not fit the model of this config (missing {missing}, unexpected {unexpected})")
+    return model, cfg
+
+
 def export_model(cfg: RunConfig, *, checkpoint: str = "best", output: str | Path) -> Path:
     """Write a self-contained export of `checkpoint` ('best', 'last' or a folder) of cfg.run_dir.
 
@@ -73,11 +99,7 @@ def export_model(cfg: RunConfig, *, checkpoint: str = "best", output: str | Path
     except FileNotFoundError as e:
         raise SchemaError(str(e)) from None
     manifest = read_manifest(cfg.data.path)
-    state = consolidated_state_dict(folder, cfg.dist.zero_stage)
-    model = SeqRecModel(DataSpec.from_manifest(manifest), cfg.model, cfg.embeddings, cfg.loss)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if not m.startswith("loss.")]:
-        raise SchemaError(f"{folder}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    model, cfg = scoring_model(cfg, folder, DataSpec.from_manifest(manifest))
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "config": to_dict(cfg), "checkpoint": str(folder)}, out / MODEL_FILE)
     # The data folder may be a URL (s3://...): copy through the storage layer.

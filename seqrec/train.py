@@ -27,7 +27,7 @@ from seqrec.config import RunConfig, TrainConfig, save_json, to_dict
 from seqrec.data.loader import Batch, ShardLoader
 from seqrec.data.schema import SCHEMA_VERSION, SPLITS, Manifest, SchemaError, read_manifest, verify_split
 from seqrec.engine import Engine, all_reduce_, barrier, build_engine, init_distributed
-from seqrec.evaluate import evaluate, named, popularity_scorer, protocol
+from seqrec.evaluate import by_scores, evaluate, named, popularity_scorer, protocol
 from seqrec.model import DataSpec, SeqRecModel
 from seqrec.tracking import build_tracker
 
@@ -85,7 +85,9 @@ class Trainer:
         model = SeqRecModel(self.spec, cfg.model, cfg.embeddings, cfg.loss)
         model.init_weights()
         self.num_params = model.num_params()
-        self.engine: Engine = build_engine(model, self.info, train=cfg.train, optim=cfg.optim, dist=cfg.dist)
+        self.engine: Engine = build_engine(
+            model, self.info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, embeddings=cfg.embeddings
+        )
         torch.manual_seed(cfg.train.seed + 1 + self.info.rank)  # per-rank dropout and negative sampling
         self.loader = ShardLoader(
             self.manifest,
@@ -238,16 +240,17 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         self.engine.eval()
         metrics = evaluate(
-            self.score, self.manifest, "valid", self.cfg.eval, self.info, max_users=self.cfg.eval.max_valid_users
+            self.rank, self.manifest, "valid", self.cfg.eval, self.info, max_users=self.cfg.eval.max_valid_users
         )
         self.engine.train()
         return metrics
 
-    def score(self, batch: Batch) -> torch.Tensor:
-        return self.engine.forward(batch, task="score")["scores"]
+    def rank(self, batch: Batch) -> torch.Tensor:
+        return self.engine.rank(batch, self.cfg.eval.exclude_seen)
 
     def popularity(self, split: str) -> dict[str, float]:
-        return evaluate(popularity_scorer(self.spec.item_counts), self.manifest, split, self.cfg.eval, self.info)
+        ranker = by_scores(popularity_scorer(self.spec.item_counts), self.cfg.eval.exclude_seen)
+        return evaluate(ranker, self.manifest, split, self.cfg.eval, self.info)
 
     # ------------------------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
@@ -355,7 +358,7 @@ class Trainer:
         if self.best["step"] != self.step:
             self.load_weights(self.ckpt_root / ckpt.tag_for(self.best["step"]))
         self.engine.eval()
-        test = evaluate(self.score, self.manifest, "test", self.cfg.eval, self.info)
+        test = evaluate(self.rank, self.manifest, "test", self.cfg.eval, self.info)
         results = self.results(test)
         if self.info.is_main:
             self.tracker.log(named(test, "test") | named(results["popularity"]["test"], "popularity/test"), self.step)

@@ -83,7 +83,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
 def test_zero3_export_reproduces_test_metrics_and_recommends(data, tmp_path):
     from seqrec.data.schema import read_manifest
     from seqrec.engine import DistInfo
-    from seqrec.evaluate import evaluate
+    from seqrec.evaluate import by_scores, evaluate
     from seqrec.export import export_model, load_exported, recommend
 
     run = tmp_path / "z3"
@@ -96,7 +96,8 @@ def test_zero3_export_reproduces_test_metrics_and_recommends(data, tmp_path):
     model, manifest, _ = load_exported(out)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with torch.no_grad():
-        metrics = evaluate(lambda b: model(b, task="score")["scores"], read_manifest(data), "test", cfg.eval, info)
+        scorer = by_scores(lambda b: model(b, task="score")["scores"], cfg.eval.exclude_seen)
+        metrics = evaluate(scorer, read_manifest(data), "test", cfg.eval, info)
     assert metrics == pytest.approx(results["test"], rel=1e-6)  # consolidated ZeRO-3 shards == trained model
 
     summary = recommend(model_dir=out, histories=Path(data) / "test", output=tmp_path / "recs.parquet", k=5)

@@ -163,3 +163,125 @@ def diverging_train_worker(cfg_sets: dict[str, Any], nan_from_step: int) -> str:
     except train_mod.TrainingDiverged as e:
         return str(e)
     return "no error"
+
+
+# ------------------------------------------------------------------------------ sharded TorchRec tables
+def full_length_sequences(num_users: int, num_items: int, length: int) -> list[list[int]]:
+    """Histories long enough that every training row is a full window (the same number of counted
+    labels in every row, so a mean over 2m rows equals the mean of two halves' means)."""
+    return [[2 + (7 * u + 3 * k + (k * k) % 5) % (num_items - 2) for k in range(length)] for u in range(num_users)]
+
+
+def local_table_shards(tables) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    return {t.name: [(s.start, s.rows.detach().clone()) for s in tables.local_shards(t.name)] for t in tables.specs}
+
+
+def tables_equivalence_worker(data: str, run_dir: str, micro: int, steps: int, optimizer: str) -> dict[str, Any]:
+    """Train `steps` steps with sharded tables on fixed global batches of 2 x micro rows.
+
+    World 2: rank r takes rows [r*micro, (r+1)*micro) of each global batch. World 1: all 2 x micro
+    rows in one micro batch (the fused table update runs once per micro batch, so no accumulation).
+    """
+    from seqrec.data.schema import read_manifest
+    from seqrec.engine import build_engine, init_distributed
+    from seqrec.model import DataSpec, SeqRecModel
+
+    world = int(os.environ["WORLD_SIZE"])
+    cfg = tiny_config(data, run_dir, **{
+        "embeddings.backend": "torchrec", "embeddings.table_optimizer": optimizer, "embeddings.table_lr": 0.05,
+        "train.micro_batch_size": 2 * micro // world, "train.global_batch_size": 2 * micro, "train.max_steps": steps,
+    })
+    info = init_distributed(cfg.dist)
+    torch.manual_seed(0)
+    model = SeqRecModel(DataSpec.from_manifest(read_manifest(data)), cfg.model, cfg.embeddings, cfg.loss)
+    model.init_weights()
+    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, embeddings=cfg.embeddings)
+    initial = local_table_shards(engine.tables)
+    rows = _train_rows(data, 2 * micro * steps)
+    losses = []
+    for step in range(steps):
+        base = step * 2 * micro
+        mine = slice(base + info.rank * (2 * micro // world), base + (info.rank + 1) * (2 * micro // world))
+        out = engine.forward({k: v[mine] for k, v in rows.items()})
+        engine.backward(out["loss"])
+        engine.step()
+        loss = out["loss"].detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= world
+        losses.append(float(loss))
+    return {"losses": losses, "params": full_params(engine.module, 0), "tables": local_table_shards(engine.tables),
+            "initial": initial, "plan": engine.tables.plan}
+
+
+def table_update_worker(optimizer: str, lr: float, steps: int) -> dict[str, Any]:
+    """Look ids up in sharded tables, backward sum(rows * R), `steps` times; return the shards.
+
+    Every rank draws all ranks' ids and R from one seeded generator and uses its own slice, so the
+    test can replay the whole computation."""
+    import torch.distributed as dist
+
+    from seqrec.config import EmbeddingsConfig
+    from seqrec.engine import init_distributed
+    from seqrec.tables import ShardedTables
+
+    cfg = tiny_config("unused", "unused")
+    info = init_distributed(cfg.dist)
+    world = info.world_size
+    specs = update_specs()
+    emb = EmbeddingsConfig(backend="torchrec", dim=4, table_optimizer=optimizer, table_lr=lr, table_eps=1e-8)
+    tables = ShardedTables(specs, emb, device=info.device, world_size=world, seed=11, grad_scale=1.0,
+                           multi_pooling="sum")
+    for step in range(steps):
+        ids, weights = update_inputs(step, world)
+        mine = {k: v[info.rank] for k, v in ids.items()}
+        rows = tables(mine)
+        loss = sum((rows[k] * weights[k][info.rank]).sum() for k in rows)
+        loss.backward()
+    dist.barrier()
+    return {"tables": local_table_shards(tables), "plan": tables.plan}
+
+
+def update_specs():
+    from seqrec.embeddings import TableSpec
+
+    return [TableSpec("item", 23, aliases=("item_label",)), TableSpec("genre", 9, multi_valued=True), TableSpec("position", 5)]
+
+
+def update_inputs(step: int, world: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """ids [world, ...] per feature (repeated ids on purpose) and the loss weights of their rows."""
+    gen = torch.Generator().manual_seed(100 + step)
+    ids = {
+        "item": torch.randint(0, 23, (world, 6), generator=gen),
+        "item_label": torch.randint(0, 23, (world, 3), generator=gen),
+        "genre": torch.randint(0, 9, (world, 2, 3), generator=gen),
+        "position": torch.arange(5).repeat(world, 1),
+    }
+    out_shape = {"item": (6,), "item_label": (3,), "genre": (2,), "position": (5,)}
+    weights = {k: torch.randn(world, *out_shape[k], 4, generator=gen) for k in ids}
+    return ids, weights
+
+
+def sharded_ranks_worker(num_items: int, dim: int, per_rank: list[int], exclude_seen: bool) -> dict[str, Any]:
+    """Freshly initialised sharded item table; rank r ranks per_rank[r] random queries and targets."""
+    from seqrec.config import EmbeddingsConfig
+    from seqrec.embeddings import TableSpec
+    from seqrec.engine import init_distributed
+    from seqrec.tables import ShardedTables, sharded_target_ranks
+
+    info = init_distributed(tiny_config("unused", "unused").dist)
+    emb = EmbeddingsConfig(backend="torchrec", dim=dim, sharding=["item=row_wise"])
+    tables = ShardedTables([TableSpec("item", num_items)], emb, device=info.device, world_size=info.world_size,
+                           seed=5, grad_scale=1.0, multi_pooling="sum")
+    query, targets, history = ranking_inputs(info.rank, per_rank[info.rank], num_items, dim)
+    ranks = sharded_target_ranks(query, targets, history if exclude_seen else None, tables.local_shards("item"), num_items)
+    return {"ranks": ranks, "shards": [(s.start, s.rows.shape[0]) for s in tables.local_shards("item")]}
+
+
+def ranking_inputs(rank: int, n: int, num_items: int, dim: int):
+    gen = torch.Generator().manual_seed(1000 + rank)
+    query = torch.randn(n, dim, generator=gen)
+    targets = torch.randint(2, num_items, (n,), generator=gen)
+    history = torch.randint(0, num_items, (n, 7), generator=gen)
+    history[:, 0] = targets  # the target in its own history stays a candidate
+    return query, targets, history

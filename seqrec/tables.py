@@ -1,0 +1,481 @@
+"""Sharded id tables (`embeddings.backend = "torchrec"`): TorchRec + FBGEMM, outside the dense model.
+
+Every table of the model (`SeqRecModel.tables`: item ids, item side features, event features,
+time-gap buckets, positions) is one `EmbeddingConfig` of ONE `EmbeddingCollection`: FBGEMM's
+table-batched kernel looks every feature up in one call per batch. TorchRec's planner shards the
+tables across ranks (row-wise for large tables, table-wise for small ones, or what
+`embeddings.sharding` pins), and the table optimizer (`embeddings.table_optimizer`, row-wise Adagrad
+by default) runs inside backward: no dense gradient of any table ever exists, and optimizer state is
+one float per row. The dense transformer stays on DeepSpeed and gets the looked-up rows as input
+(`SeqRecModel.forward(..., lookups=...)`), so the model imports nothing distributed.
+
+One lookup per batch: `ShardedTables(ids) -> rows`, `{feature: ids [*] or [*, K]} -> {feature: [*, D]}`
+(multi-valued features pooled like `FusedEmbedding`, `embeddings.pool`). Every rank must call it the
+same number of times (the lookup is an all-to-all); features without ids this call are sent empty.
+
+Gradients: each rank's loss is the mean over its own tokens, and DeepSpeed averages dense gradients
+over ranks and micro batches. TorchRec's all-to-all divides the row gradients it sends back by the
+world size (`comm_ops` gradient division, switched on explicitly here), so rows get the mean over
+ranks too; DeepSpeed's 1/accumulation is undone on the rows (`grad_scale`), because the fused update
+runs once per micro batch. Each table update thus uses the gradient of the micro batch's mean loss
+over all ranks: N ranks == 1 rank with the same global micro batch.
+
+Initial rows are Normal(0, 0.02) drawn per block of `INIT_BLOCK_ROWS` global rows from a generator
+seeded by (seed, table, block): the same weights for any world size and sharding plan.
+
+Checkpoints: `state_dict()` holds the tables' ShardedTensors and the fused optimizer state, saved and
+loaded with torch.distributed.checkpoint (each rank writes its own shards; see seqrec.checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from seqrec.config import ConfigError, EmbeddingsConfig
+from seqrec.data.schema import NUM_RESERVED_IDS, SchemaError
+from seqrec.embeddings import TableSpec, check_ids, feature_tables, pool
+
+log = logging.getLogger(__name__)
+# TorchRec's jagged tensors ask torch.fx whether they are traced on every call; torch warns once per
+# process that the question is ambiguous. Nothing here is traced.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+
+INIT_STD = 0.02
+INIT_BLOCK_ROWS = 1 << 16
+SHARDING_TYPES = ("row_wise", "table_wise")
+"""Sharding types offered to the planner. data_parallel would need its own gradient all-reduce
+(DistributedModelParallel is built with init_data_parallel=False: DeepSpeed owns the dense side), and
+column-wise shards would split the item rows' dot products in evaluation."""
+PLAN_FILE = "plan.json"
+DCP_METADATA = ".metadata"  # written last by torch.distributed.checkpoint.save
+CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+"""Table optimizers the CPU kernels (fbgemm-gpu-cpu) run; adam and lamb need the CUDA kernels."""
+
+
+class TablePlanError(ConfigError):
+    """The tables cannot be placed or trained as configured (names the table and the limit)."""
+
+
+class TableShapeError(SchemaError):
+    """A checkpoint's tables do not have the sizes of this data and config (names the table)."""
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    import torchrec.optim as trec_optim
+
+    return {
+        "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+        "adagrad": trec_optim.Adagrad,
+        "sgd": trec_optim.SGD,
+        "adam": trec_optim.Adam,
+        "lamb": trec_optim.LAMB,
+    }[name]
+
+
+def parse_sharding(pins: Sequence[str], tables: Sequence[TableSpec]) -> dict[str, str]:
+    """["item=row_wise", ...] -> {table: sharding type}; names the bad entry."""
+    names = {t.name for t in tables}
+    out: dict[str, str] = {}
+    for entry in pins:
+        table, sep, kind = entry.partition("=")
+        table, kind = table.strip(), kind.strip()
+        if not sep or table not in names:
+            raise TablePlanError(
+                f"embeddings.sharding entry '{entry}': expected '<table>=<type>' with a table of "
+                f"{sorted(names)}"
+            )
+        if kind not in SHARDING_TYPES:
+            raise TablePlanError(
+                f"embeddings.sharding: table '{table}' pinned to '{kind}', which the sharded lookup does "
+                f"not support here (supported: {', '.join(SHARDING_TYPES)})"
+            )
+        out[table] = kind
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """This rank's rows [start, start + rows.shape[0]) of one table (a view of the kernel's weights)."""
+
+    start: int
+    rows: Tensor
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+class ShardedTables:
+    """The model's id tables as one sharded TorchRec EmbeddingCollection with a fused optimizer.
+
+    Collective: build it, call it, save and load it on every rank, in the same order.
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[TableSpec],
+        cfg: EmbeddingsConfig,
+        *,
+        device: torch.device,
+        world_size: int,
+        seed: int,
+        grad_scale: float,
+        multi_pooling: str,
+    ) -> None:
+        import torch.distributed as dist
+        from torchrec import EmbeddingCollection, EmbeddingConfig
+        from torchrec.distributed import DistributedModelParallel
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+        from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
+        from torchrec.distributed.sharding_plan import get_default_sharders
+        from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+        if device.type == "cpu" and cfg.table_optimizer not in CPU_OPTIMIZERS:
+            raise TablePlanError(
+                f"embeddings.table_optimizer = '{cfg.table_optimizer}': the CPU kernel (fbgemm-gpu-cpu) "
+                f"runs only {', '.join(CPU_OPTIMIZERS)}; '{cfg.table_optimizer}' needs the CUDA kernels"
+            )
+        self.specs = list(tables)
+        self.features = [f for t in self.specs for f in t.features]  # the KJT's key order, fixed
+        self.feature_tables = feature_tables(self.specs)
+        self.dim = cfg.dim
+        self.multi_pooling = multi_pooling
+        self.grad_scale = grad_scale
+        if cfg.dim % 4:
+            raise TablePlanError(f"embeddings.dim = {cfg.dim}: FBGEMM's table kernels need a multiple of 4")
+        from torchrec.distributed.comm_ops import set_gradient_division
+
+        set_gradient_division(True)  # row gradients averaged over ranks, like DeepSpeed's dense ones
+        pins = parse_sharding(cfg.sharding, self.specs)
+        configs = [
+            EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=cfg.dim, feature_names=list(t.features))
+            for t in self.specs
+        ]
+        collection = EmbeddingCollection(tables=configs, device=torch.device("meta"))
+        kwargs: dict[str, Any] = {"lr": cfg.table_lr}
+        if cfg.table_optimizer in ("rowwise_adagrad", "adagrad"):
+            kwargs["eps"] = cfg.table_eps
+        apply_optimizer_in_backward(optimizer_class(cfg.table_optimizer), collection.parameters(), kwargs)
+        constraints = {
+            t.name: ParameterConstraints(sharding_types=[pins[t.name]] if t.name in pins else list(SHARDING_TYPES))
+            for t in self.specs
+        }
+        budget = int(cfg.memory_budget_gib * 2**30) if cfg.memory_budget_gib else None
+        try:
+            with _quiet_torchrec():
+                topology = Topology(
+                    world_size=world_size,
+                    compute_device=device.type,
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+                    **({"hbm_cap": budget} if device.type == "cuda" and budget else {}),
+                    **({"ddr_cap": budget} if device.type == "cpu" and budget else {}),
+                )
+                planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, debug=False)
+                # Every rank plans for itself (the planner is deterministic) rather than through
+                # collective_plan, whose other ranks would wait forever on a rank 0 that failed.
+                plan = planner.plan(collection, get_default_sharders())
+        except PlannerError as e:
+            sizes = ", ".join(f"{t.name} {t.num_embeddings} x {cfg.dim}" for t in self.specs)
+            limit = f"{cfg.memory_budget_gib} GiB per rank (embeddings.memory_budget_gib)" if budget else "the planner's memory per rank"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TablePlanError(f"the id tables ({sizes}) do not fit {limit} on {world_size} ranks: {first}") from None
+        self.plan = _plan_summary(plan)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            plans: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(plans, self.plan)
+            if any(p != self.plan for p in plans):
+                raise TablePlanError(f"the ranks planned the id tables differently: {plans}")
+        with _quiet_torchrec():
+            self.module = DistributedModelParallel(collection, device=device, plan=plan, init_data_parallel=False)
+        self.init_weights(seed)
+
+    # ---------------------------------------------------------------------------------- lookup
+    def __call__(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        flat = {}
+        for name, x in ids.items():
+            check_ids(self.feature_tables, name, x)  # FBGEMM would map out-of-range ids to row 0
+            flat[name] = x.reshape(-1).long()
+        device = next(iter(flat.values())).device if flat else torch.device("cpu")
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        values = [flat.get(f, empty) for f in self.features]
+        kjt = KeyedJaggedTensor(
+            keys=self.features,
+            values=torch.cat(values),
+            lengths=torch.tensor([len(v) for v in values], dtype=torch.long, device=device),
+        )
+        out = self.module(kjt)
+        rows = {}
+        for name, x in ids.items():
+            emb = out[name].values()
+            if self.grad_scale != 1.0:
+                emb = _ScaleGrad.apply(emb, self.grad_scale)
+            spec = self.feature_tables[name]
+            rows[name] = pool(emb, x, spec.multi_valued and name == spec.name, self.multi_pooling)
+        return rows
+
+    # ---------------------------------------------------------------------------------- state
+    def weights(self) -> dict[str, Any]:
+        """{table: ShardedTensor} (views of the kernel's weights)."""
+        return {t.name: self.module.state_dict()[_weight_key(t.name)] for t in self.specs}
+
+    def local_shards(self, table: str) -> list[Shard]:
+        sharded = self.module.state_dict()[_weight_key(table)]
+        return [Shard(int(s.metadata.shard_offsets[0]), s.tensor) for s in sharded.local_shards()]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Normal(0, INIT_STD) rows, block by block from (seed, table, block): plan independent."""
+        for index, spec in enumerate(self.specs):
+            for shard in self.local_shards(spec.name):
+                init_rows(shard.rows, shard.start, seed, index)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tables and the fused optimizer state, for torch.distributed.checkpoint."""
+        return {"tables": self.module.state_dict(), "optimizer": self.module.fused_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["tables"], strict=True)
+        self.module.fused_optimizer.load_state_dict(state["optimizer"])
+
+    def describe(self) -> str:
+        return json.dumps(self.plan, sort_keys=True)
+
+    def save(self, folder: Path) -> None:
+        """Collective: every rank writes its own shards (torch.distributed.checkpoint) + the plan."""
+        import torch.distributed.checkpoint as dcp
+
+        with _quiet_dcp():
+            dcp.save(self.state_dict(), checkpoint_id=str(folder))
+        if _rank() == 0:
+            (folder / PLAN_FILE).write_text(json.dumps(self.plan, indent=2, sort_keys=True) + "\n")
+
+    def load(self, folder: Path, *, with_optimizer: bool = True) -> None:
+        """Collective: read this rank's shards (any plan and world size the checkpoint was written with)."""
+        import torch.distributed.checkpoint as dcp
+
+        if not (folder / DCP_METADATA).is_file():
+            raise FileNotFoundError(f"{folder}: no sharded tables in this checkpoint (written by embeddings.backend = 'dense'?)")
+        state = self.state_dict()
+        if not with_optimizer:
+            del state["optimizer"]
+        check_table_sizes(folder, self.specs, self.dim)
+        with _quiet_dcp():
+            dcp.load(state, checkpoint_id=str(folder))
+        self.module.load_state_dict(state["tables"], strict=True)
+        if with_optimizer:
+            self.module.fused_optimizer.load_state_dict(state["optimizer"])
+
+
+def init_rows(rows: Tensor, start: int, seed: int, table_index: int) -> None:
+    """Fill global rows [start, start + len(rows)) of table `table_index` deterministically."""
+    end = start + rows.shape[0]
+    block = start // INIT_BLOCK_ROWS
+    while block * INIT_BLOCK_ROWS < end:
+        lo = block * INIT_BLOCK_ROWS
+        gen = torch.Generator().manual_seed(hash((seed, table_index, block)) & 0x7FFF_FFFF_FFFF_FFFF)
+        values = torch.randn(INIT_BLOCK_ROWS, rows.shape[1], generator=gen) * INIT_STD
+        a, b = max(lo, start), min(lo + INIT_BLOCK_ROWS, end)
+        rows[a - start : b - start].copy_(values[a - lo : b - lo])
+        block += 1
+
+
+def check_table_sizes(folder: Path, specs: Sequence[TableSpec], dim: int) -> None:
+    """The saved tables have the shapes of `specs` (else one line naming the table)."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    for spec in specs:
+        key = f"tables.{_weight_key(spec.name)}"
+        if key not in meta:
+            raise TableShapeError(f"{folder}: checkpoint has no table '{spec.name}' (has {sorted(k for k in meta if k.startswith('tables.'))})")
+        saved = tuple(meta[key].size)
+        if saved != (spec.num_embeddings, dim):
+            raise TableShapeError(
+                f"{folder}: table '{spec.name}' is {saved[0]} x {saved[1]} in the checkpoint but "
+                f"{spec.num_embeddings} x {dim} for this data and config"
+            )
+
+
+def consolidate(folder: Path, specs: Sequence[TableSpec], dim: int) -> Tensor:
+    """The saved tables as one dense weight [sum rows, dim] in `specs` order (FusedEmbedding's
+    layout), read in one process without a process group (export, seqrec evaluate)."""
+    import torch.distributed.checkpoint as dcp
+
+    if not (folder / DCP_METADATA).is_file():
+        raise FileNotFoundError(f"{folder}: no sharded tables in this checkpoint")
+    check_table_sizes(folder, specs, dim)
+    state = {"tables": {_weight_key(t.name): torch.empty(t.num_embeddings, dim) for t in specs}}
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    return torch.cat([state["tables"][_weight_key(t.name)] for t in specs])
+
+
+@torch.no_grad()
+def sharded_target_ranks(
+    query_BE: Tensor, targets_B: Tensor, history_BL: Tensor | None, shards: Sequence[Shard], num_items: int
+) -> Tensor:
+    """Full-ranking ranks [B] of this rank's targets, each rank holding only its rows of the item table.
+
+    Collective. The queries, targets and histories of all ranks are all-gathered (G rows); every
+    rank scores its own item rows against all G queries, chunk by chunk, and counts per query the
+    real items other than the target (and, with a history, other than the history's items) that
+    score >= the target; the counts are summed over ranks. The target score is computed by the rank
+    owning the target row and summed over ranks (it is 0 elsewhere). Same result as
+    `metrics.target_ranks` on the whole table; memory per rank is the shard plus a [G, chunk] block.
+    """
+    import torch.distributed as dist
+
+    from seqrec.metrics import MAX_CHUNK_ELEMENTS
+
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    B = query_BE.shape[0]
+    q_GE = _gather_rows(query_BE.float(), multi)
+    t_G = _gather_rows(targets_B.long(), multi)
+    h_GL = _gather_rows(history_BL.long().to(q_GE.device), multi) if history_BL is not None else None
+    G = q_GE.shape[0]
+    target_score_G = torch.zeros(G, device=q_GE.device)
+    for shard in shards:
+        owned_G = (t_G >= shard.start) & (t_G < shard.start + shard.rows.shape[0])
+        if bool(owned_G.any()):
+            rows = shard.rows[t_G[owned_G] - shard.start].float()
+            target_score_G[owned_G] = (q_GE[owned_G] * rows).sum(-1)
+    if multi:
+        dist.all_reduce(target_score_G)
+    count_G = torch.zeros(G, dtype=torch.long, device=q_GE.device)
+    chunk = max(1, MAX_CHUNK_ELEMENTS // max(G, 1))
+    for shard in shards:
+        for lo in range(0, shard.rows.shape[0], chunk):
+            block = shard.rows[lo : lo + chunk].float()
+            first = shard.start + lo
+            ids_C = torch.arange(first, first + block.shape[0], device=q_GE.device)
+            above_GC = (q_GE @ block.T) >= target_score_G.unsqueeze(1)
+            above_GC &= (ids_C >= NUM_RESERVED_IDS).unsqueeze(0) & (ids_C.unsqueeze(0) != t_G.unsqueeze(1))
+            if h_GL is not None:
+                above_GC &= ~_members(h_GL, first, block.shape[0])
+            count_G += above_GC.sum(1)
+    if multi:
+        dist.all_reduce(count_G)
+    num_candidates_G = torch.full_like(count_G, num_items - NUM_RESERVED_IDS - 1)
+    if h_GL is not None:
+        num_candidates_G -= _unique_history_count(h_GL, t_G)
+    ranks_G = torch.where(target_score_G.isnan(), num_candidates_G, count_G)
+    start = _row_offset(B, multi, q_GE.device)
+    return ranks_G[start : start + B].cpu()
+
+
+def _members(h_GL: Tensor, first: int, width: int) -> Tensor:
+    """[G, width] True where item first + c is in the row's history."""
+    rel_GL = h_GL - first
+    inside_GL = (rel_GL >= 0) & (rel_GL < width)
+    hits = torch.zeros(h_GL.shape[0], width, dtype=torch.int32, device=h_GL.device)
+    hits.scatter_add_(1, rel_GL.clamp(0, width - 1), inside_GL.to(torch.int32))
+    return hits > 0
+
+
+def _unique_history_count(h_GL: Tensor, t_G: Tensor) -> Tensor:
+    """Per row, distinct real history items other than the target."""
+    sorted_GL = h_GL.sort(dim=1).values
+    first_GL = torch.ones_like(sorted_GL, dtype=torch.bool)
+    first_GL[:, 1:] = sorted_GL[:, 1:] != sorted_GL[:, :-1]
+    keep_GL = first_GL & (sorted_GL >= NUM_RESERVED_IDS) & (sorted_GL != t_G.unsqueeze(1))
+    return keep_GL.sum(1)
+
+
+def _gather_rows(x: Tensor, multi: bool) -> Tensor:
+    """Concatenate the rows of `x` [B, ...] of every rank in rank order (B and trailing widths may
+    differ per rank: padded with 0 to the largest)."""
+    if not multi:
+        return x
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    shape = torch.tensor([x.shape[0], *(x.shape[1:])], dtype=torch.long, device=x.device)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    top = torch.stack(shapes).max(0).values.tolist()
+    padded = torch.zeros(top, dtype=x.dtype, device=x.device)
+    padded[tuple(slice(0, n) for n in x.shape)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[tuple(slice(0, int(n)) for n in s.tolist())] for p, s in zip(parts, shapes, strict=True)])
+
+
+def _row_offset(rows: int, multi: bool, device: torch.device) -> int:
+    """Index of this rank's first row in a rank-ordered concatenation of every rank's `rows`."""
+    if not multi:
+        return 0
+    import torch.distributed as dist
+
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([rows], device=device))
+    return int(sum(int(s) for s in sizes[: dist.get_rank()]))
+
+
+@contextlib.contextmanager
+def _quiet_torchrec() -> Iterator[None]:
+    """TorchRec's planner warns on every CPU build (a Topology built directly, a dense-size
+    estimate it cannot make on the meta device, deprecations); its errors still surface."""
+    logger = logging.getLogger("torchrec")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """TorchRec's tables are ShardedTensors, which torch.distributed.checkpoint warns about on every
+    tensor (deprecated in favour of DTensor); a process-group-free load warns that it is one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ShardedTensor.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        yield
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _weight_key(table: str) -> str:
+    return f"embeddings.{table}.weight"
+
+
+def _plan_summary(plan: Any) -> dict[str, Any]:
+    """{table: {"sharding": ..., "kernel": ..., "ranks": [...], "shards": [[row offset, rows], ...]}}."""
+    out: dict[str, Any] = {}
+    for module_plan in plan.plan.values():
+        for table, p in module_plan.items():
+            shards = p.sharding_spec.shards if p.sharding_spec is not None else []
+            out[table] = {
+                "sharding": p.sharding_type,
+                "kernel": p.compute_kernel,
+                "ranks": list(p.ranks or []),
+                "shards": [[int(s.shard_offsets[0]), int(s.shard_sizes[0])] for s in shards],
+            }
+    return out
