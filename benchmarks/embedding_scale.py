@@ -58,8 +58,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from seqrec.config import load_config
+    from seqrec.data.spec import DataSpec
     from seqrec.engine import build_engine, init_distributed
-    from seqrec.model import DataSpec, SeqRecModel
+    from seqrec.model import SeqRecModel
 
     cfg = load_config(None, _sets(args, args.backend))
     info = init_distributed(cfg.dist)

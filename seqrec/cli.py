@@ -133,7 +133,7 @@ def _teardown() -> Iterator[None]:
     (SIGABRT after a finished run, see seqrec.data.loader.Batches).
     """
     from seqrec.data.loader import close_all
-    from seqrec.engine import shutdown
+    from seqrec.distributed import shutdown
 
     try:
         yield

@@ -257,6 +257,10 @@ class EmbeddingsConfig:
     sharding: list[str] = field(default_factory=list)
     """Pinned sharding per table, e.g. ["item=row_wise", "category=table_wise"]; the planner chooses
     for the others (row_wise or table_wise)."""
+    row_wise_min_rows: int = 100_000
+    """Tables with at least this many rows are sharded row-wise (rows, lookups and optimizer state
+    spread evenly over the ranks); the planner places smaller ones (row-wise or table-wise) unless
+    embeddings.sharding pins them."""
     memory_budget_gib: float = 0.0
     """Memory per rank the planner may give the tables and their optimizer state (0: the planner's
     default for the device). A plan that does not fit stops the run naming the tables."""

@@ -10,9 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,53 +17,12 @@ import torch
 
 from seqrec.config import ConfigError, DistConfig, EmbeddingsConfig, OptimConfig, TrainConfig
 from seqrec.data.schema import COL_ITEM, COL_TARGET
+from seqrec.distributed import DistInfo, init_process_group
 from seqrec.metrics import target_ranks
 
 TABLES_DIR = "tables"  # the sharded tables inside a checkpoint folder (torch.distributed.checkpoint)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class DistInfo:
-    """Who this process is, read once from the launcher's environment (nanochat compute_init)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @staticmethod
-    def launched() -> bool:
-        """True under a launcher (torchrun, the deepspeed launcher, a PyTorchJob) with world > 1."""
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-    @classmethod
-    def single(cls) -> DistInfo:
-        """A world of one on this host, without a process group."""
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        return cls(rank=0, world_size=1, local_rank=0, device=device)
-
-    @classmethod
-    def from_env(cls) -> DistInfo:
-        if "WORLD_SIZE" not in os.environ:
-            # A plain `seqrec train` without a launcher: a world of one on this host.
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        return cls(rank=rank, world_size=world, local_rank=local_rank, device=device)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _deepspeed() -> Any:
@@ -102,74 +58,17 @@ def _no_runtime_op_builds(deepspeed: Any) -> None:
 
 
 def init_distributed(cfg: DistConfig) -> DistInfo:
-    """Create the process group (gloo on CPU, nccl on CUDA unless cfg.backend says otherwise).
-
-    Waiting for the other ranks is bounded by `cfg.timeout_s` and announced on one line, so a
-    missing rank is an error naming the rendezvous address, not a silent hang.
-    """
+    """The process group for a DeepSpeed run: who this process is, then the bounded rendezvous
+    (seqrec.distributed), with DeepSpeed imported so that it builds no op at run time."""
     info = DistInfo.from_env()
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if info.device.type == "cuda" else "gloo")
-    if info.device.type == "cuda":
-        torch.cuda.set_device(info.device)
-    ds = _deepspeed()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-        log.info("rank %d: waiting for %d ranks at %s (%s, up to %d s)", info.rank, info.world_size, where, backend, cfg.timeout_s)
-        try:
-            ds.init_distributed(
-                dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=cfg.timeout_s)
-            )
-        except Exception as e:  # torch raises DistStoreError/RuntimeError subclasses on a time-out
-            raise RendezvousError(
-                f"rank {info.rank}: the process group of {info.world_size} ranks at {where} did not form "
-                f"within dist.timeout_s={cfg.timeout_s} s: {e}"
-            ) from e
+    if not DistInfo.launched():
+        # DeepSpeed asserts LOCAL_RANK (and reads RANK/WORLD_SIZE) even in a world of one; a plain
+        # `seqrec train` has no launcher to set them.
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+            os.environ.setdefault(key, value)
+    _deepspeed()
+    init_process_group(cfg, info)
     return info
-
-
-class RendezvousError(RuntimeError):
-    """The ranks did not all join the process group in time."""
-
-
-def shutdown() -> None:
-    """Tear the process group down before exit (avoids aborts in gloo/NCCL destructors at exit)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
-    return tensor
-
-
-def all_gather_1d(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor of any length from every rank, in rank order."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([tensor.numel()], device=tensor.device))
-    max_size = int(max(s.item() for s in sizes))
-    padded = torch.zeros(max_size, dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.numel()] = tensor
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
 def resolve_precision(train: TrainConfig, device: torch.device) -> str:

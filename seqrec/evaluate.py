@@ -33,7 +33,8 @@ from seqrec.data.schema import (
     read_manifest,
     verify_split,
 )
-from seqrec.engine import DistInfo, all_gather_1d, init_distributed, resolve_precision
+from seqrec.distributed import DistInfo, all_gather_1d
+from seqrec.engine import init_distributed, resolve_precision
 from seqrec.metrics import finalize, popularity_scores, ranking_sums, target_ranks
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,8 @@ def evaluate_checkpoint(
     the training run used, so the numbers equal the run's own evaluation of that checkpoint. Runs in
     one process or under torchrun (each rank scores its part of the split).
     """
+    from seqrec.data.spec import DataSpec
     from seqrec.export import scoring_model
-    from seqrec.model import DataSpec
 
     info = init_distributed(cfg.dist) if DistInfo.launched() else DistInfo.single()
     try:

@@ -40,7 +40,8 @@ from seqrec.data.schema import (
     SchemaError,
     read_manifest,
 )
-from seqrec.model import DataSpec, SeqRecModel
+from seqrec.data.spec import DataSpec
+from seqrec.model import SeqRecModel
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from seqrec.cli import UserError
+from seqrec.data.errors import SchemaError
 
 ROWS = ("ndcg@10", "hr@10", "hr@50", "mrr")
 
@@ -14,7 +14,7 @@ ROWS = ("ndcg@10", "hr@10", "hr@50", "mrr")
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "results.json"
     if not path.is_file():
-        raise UserError(f"{path}: no results yet (has `seqrec train` finished for this run folder?)")
+        raise SchemaError(f"{path}: no results yet (has `seqrec train` finished for this run folder?)")
     return json.loads(path.read_text())
 
 

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from seqrec.config import ConfigError, EmbeddingsConfig
 from seqrec.data.schema import NUM_RESERVED_IDS, SchemaError
+from seqrec.distributed import gather_rows, row_offset
 from seqrec.embeddings import TableSpec, check_ids, feature_tables, pool
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ SHARDING_TYPES = ("row_wise", "table_wise")
 """Sharding types offered to the planner. data_parallel would need its own gradient all-reduce
 (DistributedModelParallel is built with init_data_parallel=False: DeepSpeed owns the dense side), and
 column-wise shards would split the item rows' dot products in evaluation."""
+SCORE_BLOCK = (512, 512)  # queries x items scored at once in sharded evaluation (1 MiB of fp32)
 PLAN_FILE = "plan.json"
 DCP_METADATA = ".metadata"  # written last by torch.distributed.checkpoint.save
 CPU_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
@@ -174,10 +176,7 @@ class ShardedTables:
         if cfg.table_optimizer in ("rowwise_adagrad", "adagrad"):
             kwargs["eps"] = cfg.table_eps
         apply_optimizer_in_backward(optimizer_class(cfg.table_optimizer), collection.parameters(), kwargs)
-        constraints = {
-            t.name: ParameterConstraints(sharding_types=[pins[t.name]] if t.name in pins else list(SHARDING_TYPES))
-            for t in self.specs
-        }
+        constraints = {t.name: ParameterConstraints(sharding_types=self._allowed(t, pins, cfg)) for t in self.specs}
         budget = int(cfg.memory_budget_gib * 2**30) if cfg.memory_budget_gib else None
         try:
             with _quiet_torchrec():
@@ -206,6 +205,16 @@ class ShardedTables:
         with _quiet_torchrec():
             self.module = DistributedModelParallel(collection, device=device, plan=plan, init_data_parallel=False)
         self.init_weights(seed)
+
+    @staticmethod
+    def _allowed(spec: TableSpec, pins: dict[str, str], cfg: EmbeddingsConfig) -> list[str]:
+        """Sharding types the planner may use for a table: the pin, row-wise for large tables (the
+        planner's cost model would put a whole large table on one rank), else either."""
+        if spec.name in pins:
+            return [pins[spec.name]]
+        if spec.num_embeddings >= cfg.row_wise_min_rows:
+            return ["row_wise"]
+        return list(SHARDING_TYPES)
 
     # ---------------------------------------------------------------------------------- lookup
     def __call__(self, ids: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -337,21 +346,20 @@ def sharded_target_ranks(
     """Full-ranking ranks [B] of this rank's targets, each rank holding only its rows of the item table.
 
     Collective. The queries, targets and histories of all ranks are all-gathered (G rows); every
-    rank scores its own item rows against all G queries, chunk by chunk, and counts per query the
+    rank scores its own item rows against all G queries, block by block, and counts per query the
     real items other than the target (and, with a history, other than the history's items) that
     score >= the target; the counts are summed over ranks. The target score is computed by the rank
     owning the target row and summed over ranks (it is 0 elsewhere). Same result as
-    `metrics.target_ranks` on the whole table; memory per rank is the shard plus a [G, chunk] block.
+    `metrics.target_ranks` on the whole table; memory per rank is the shard, the gathered queries
+    and one SCORE_BLOCK of scores.
     """
     import torch.distributed as dist
 
-    from seqrec.metrics import MAX_CHUNK_ELEMENTS
-
     multi = dist.is_initialized() and dist.get_world_size() > 1
     B = query_BE.shape[0]
-    q_GE = _gather_rows(query_BE.float(), multi)
-    t_G = _gather_rows(targets_B.long(), multi)
-    h_GL = _gather_rows(history_BL.long().to(q_GE.device), multi) if history_BL is not None else None
+    q_GE = gather_rows(query_BE.float(), multi)
+    t_G = gather_rows(targets_B.long(), multi)
+    h_GL = gather_rows(history_BL.long().to(q_GE.device), multi) if history_BL is not None else None
     G = q_GE.shape[0]
     target_score_G = torch.zeros(G, device=q_GE.device)
     for shard in shards:
@@ -361,35 +369,41 @@ def sharded_target_ranks(
             target_score_G[owned_G] = (q_GE[owned_G] * rows).sum(-1)
     if multi:
         dist.all_reduce(target_score_G)
+    # Ids that are never counted, per row, each once: pad, unknown, the target, the history.
+    extra = [h_GL] if h_GL is not None else []
+    reserved_G2 = torch.arange(NUM_RESERVED_IDS, device=q_GE.device).expand(G, NUM_RESERVED_IDS)
+    excluded_GX = torch.cat([t_G.unsqueeze(1), reserved_G2, *extra], dim=1).sort(dim=1).values
+    unique_GX = torch.ones_like(excluded_GX, dtype=torch.bool)
+    unique_GX[:, 1:] = excluded_GX[:, 1:] != excluded_GX[:, :-1]
     count_G = torch.zeros(G, dtype=torch.long, device=q_GE.device)
-    chunk = max(1, MAX_CHUNK_ELEMENTS // max(G, 1))
-    for shard in shards:
-        for lo in range(0, shard.rows.shape[0], chunk):
-            block = shard.rows[lo : lo + chunk].float()
-            first = shard.start + lo
-            ids_C = torch.arange(first, first + block.shape[0], device=q_GE.device)
-            above_GC = (q_GE @ block.T) >= target_score_G.unsqueeze(1)
-            above_GC &= (ids_C >= NUM_RESERVED_IDS).unsqueeze(0) & (ids_C.unsqueeze(0) != t_G.unsqueeze(1))
-            if h_GL is not None:
-                above_GC &= ~_members(h_GL, first, block.shape[0])
-            count_G += above_GC.sum(1)
+    # Blocks of SCORE_BLOCK queries x items: the [block] scores stay in cache between the matmul and
+    # the compare-and-count (3x faster here than [G, chunk] passes through memory).
+    rows_b, cols_b = SCORE_BLOCK
+    scores = torch.empty(rows_b, cols_b, device=q_GE.device)
+    for g0 in range(0, G, rows_b):
+        q_bE = q_GE[g0 : g0 + rows_b]
+        threshold_b1 = target_score_G[g0 : g0 + rows_b].unsqueeze(1)
+        excluded_bX, unique_bX = excluded_GX[g0 : g0 + rows_b], unique_GX[g0 : g0 + rows_b]
+        count_b = count_G[g0 : g0 + rows_b]
+        for shard in shards:
+            for lo in range(0, shard.rows.shape[0], cols_b):
+                block = shard.rows[lo : lo + cols_b]
+                first, width = shard.start + lo, block.shape[0]
+                scores_bC = torch.mm(q_bE, block.float().T, out=scores[: q_bE.shape[0], :width])
+                count_b += (scores_bC >= threshold_b1).sum(1, dtype=torch.int32)
+                # minus the excluded ids of this block that were counted (a gather, not a mask)
+                rel_bX = excluded_bX - first
+                inside_bX = unique_bX & (rel_bX >= 0) & (rel_bX < width)
+                hit_bX = scores_bC.gather(1, rel_bX.clamp(0, width - 1)) >= threshold_b1
+                count_b -= (inside_bX & hit_bX).sum(1)
     if multi:
         dist.all_reduce(count_G)
     num_candidates_G = torch.full_like(count_G, num_items - NUM_RESERVED_IDS - 1)
     if h_GL is not None:
         num_candidates_G -= _unique_history_count(h_GL, t_G)
     ranks_G = torch.where(target_score_G.isnan(), num_candidates_G, count_G)
-    start = _row_offset(B, multi, q_GE.device)
+    start = row_offset(B, multi, q_GE.device)
     return ranks_G[start : start + B].cpu()
-
-
-def _members(h_GL: Tensor, first: int, width: int) -> Tensor:
-    """[G, width] True where item first + c is in the row's history."""
-    rel_GL = h_GL - first
-    inside_GL = (rel_GL >= 0) & (rel_GL < width)
-    hits = torch.zeros(h_GL.shape[0], width, dtype=torch.int32, device=h_GL.device)
-    hits.scatter_add_(1, rel_GL.clamp(0, width - 1), inside_GL.to(torch.int32))
-    return hits > 0
 
 
 def _unique_history_count(h_GL: Tensor, t_G: Tensor) -> Tensor:
@@ -399,36 +413,6 @@ def _unique_history_count(h_GL: Tensor, t_G: Tensor) -> Tensor:
     first_GL[:, 1:] = sorted_GL[:, 1:] != sorted_GL[:, :-1]
     keep_GL = first_GL & (sorted_GL >= NUM_RESERVED_IDS) & (sorted_GL != t_G.unsqueeze(1))
     return keep_GL.sum(1)
-
-
-def _gather_rows(x: Tensor, multi: bool) -> Tensor:
-    """Concatenate the rows of `x` [B, ...] of every rank in rank order (B and trailing widths may
-    differ per rank: padded with 0 to the largest)."""
-    if not multi:
-        return x
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    shape = torch.tensor([x.shape[0], *(x.shape[1:])], dtype=torch.long, device=x.device)
-    shapes = [torch.zeros_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    top = torch.stack(shapes).max(0).values.tolist()
-    padded = torch.zeros(top, dtype=x.dtype, device=x.device)
-    padded[tuple(slice(0, n) for n in x.shape)] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[tuple(slice(0, int(n)) for n in s.tolist())] for p, s in zip(parts, shapes, strict=True)])
-
-
-def _row_offset(rows: int, multi: bool, device: torch.device) -> int:
-    """Index of this rank's first row in a rank-ordered concatenation of every rank's `rows`."""
-    if not multi:
-        return 0
-    import torch.distributed as dist
-
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([rows], device=device))
-    return int(sum(int(s) for s in sizes[: dist.get_rank()]))
 
 
 @contextlib.contextmanager

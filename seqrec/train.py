@@ -26,9 +26,11 @@ from seqrec import faults
 from seqrec.config import RunConfig, TrainConfig, save_json, to_dict
 from seqrec.data.loader import Batch, ShardLoader
 from seqrec.data.schema import SCHEMA_VERSION, SPLITS, Manifest, SchemaError, read_manifest, verify_split
-from seqrec.engine import Engine, all_reduce_, barrier, build_engine, init_distributed
+from seqrec.data.spec import DataSpec
+from seqrec.distributed import all_reduce_, barrier
+from seqrec.engine import Engine, build_engine, init_distributed
 from seqrec.evaluate import by_scores, evaluate, named, popularity_scorer, protocol
-from seqrec.model import DataSpec, SeqRecModel
+from seqrec.model import SeqRecModel
 from seqrec.tracking import build_tracker
 
 log = logging.getLogger(__name__)

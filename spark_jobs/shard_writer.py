@@ -46,17 +46,8 @@ class FilePlan:
 
 
 def arrow_schema(feature_cols: list[str], with_target: bool) -> pa.Schema:
-    """The exact column types of seqrec/data/schema.py."""
-    fields = [
-        pa.field(schema.COL_USER, pa.string()),
-        pa.field(schema.COL_LENGTH, pa.int32()),
-        pa.field(schema.COL_ITEM, pa.list_(pa.int32())),
-        pa.field(schema.COL_TS, pa.list_(pa.int64())),
-        *[pa.field(c, pa.list_(pa.int32())) for c in feature_cols],
-    ]
-    if with_target:
-        fields.append(pa.field(schema.COL_TARGET, pa.int32()))
-    return pa.schema(fields)
+    """The exact column types of seqrec/data/schema.py (its one definition)."""
+    return schema.shard_arrow_schema(feature_cols, with_target)
 
 
 def _fixed_lists(matrix_RW: np.ndarray, dtype: pa.DataType) -> pa.ListArray:

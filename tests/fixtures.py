@@ -68,16 +68,8 @@ def write_tiny_dataset(
             rows[split].append(row)
     splits = {}
     for split, split_rows in rows.items():
-        fields = [
-            pa.field(schema.COL_USER, pa.string()),
-            pa.field(schema.COL_LENGTH, pa.int32()),
-            pa.field(schema.COL_ITEM, pa.list_(pa.int32())),
-            pa.field(schema.COL_TS, pa.list_(pa.int64())),
-            pa.field("action", pa.list_(pa.int32())),
-        ]
-        if split != "train":
-            fields.append(pa.field(schema.COL_TARGET, pa.int32()))
-        table = pa.Table.from_pylist(split_rows, schema=pa.schema(fields))
+        shard_schema = schema.shard_arrow_schema(["action"], with_target=split != "train")
+        table = pa.Table.from_pylist(split_rows, schema=shard_schema)
         (root / split).mkdir(parents=True, exist_ok=True)
         files = []
         per_file = -(-table.num_rows // files_per_split)

@@ -143,6 +143,23 @@ class Manifest:
         return join(self.root, relative)
 
 
+def shard_arrow_schema(event_features: list[str], with_target: bool) -> Any:
+    """The exact Arrow schema of a shard file: the one definition the Spark writer and the test
+    fixtures both write with (validation/test rows carry `target`)."""
+    import pyarrow as pa
+
+    fields = [
+        pa.field(COL_USER, pa.string()),
+        pa.field(COL_LENGTH, pa.int32()),
+        pa.field(COL_ITEM, pa.list_(pa.int32())),
+        pa.field(COL_TS, pa.list_(pa.int64())),
+        *[pa.field(c, pa.list_(pa.int32())) for c in event_features],
+    ]
+    if with_target:
+        fields.append(pa.field(COL_TARGET, pa.int32()))
+    return pa.schema(fields)
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """sha256 of a local file or URL (seqrec.data.storage)."""
     return storage.sha256(path, chunk_bytes)

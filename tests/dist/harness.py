@@ -13,7 +13,7 @@ from typing import Any
 
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from seqrec.engine import free_port
+from seqrec.distributed import free_port
 
 
 def launch(fn: Callable[..., Any], nproc: int, *args: Any) -> dict[int, Any]:

@@ -116,11 +116,15 @@ def test_fused_table_updates_equal_the_reference(optimizer):
 
 
 # ------------------------------------------------------------------------------ sharded full ranking
-@pytest.mark.parametrize("exclude_seen", [True, False])
-def test_sharded_ranks_equal_ranks_over_the_whole_table(exclude_seen):
-    num_items, dim, per_rank = 37, 8, [5, 3]  # uneven: the short rank's rows pad the gather
+@pytest.mark.parametrize(
+    "exclude_seen,num_items,per_rank",
+    [(True, 37, [5, 3]), (False, 37, [5, 3]), (True, 1301, [600, 301])],  # last: several score blocks
+)
+def test_sharded_ranks_equal_ranks_over_the_whole_table(exclude_seen, num_items, per_rank):
+    dim = 8  # uneven per_rank: the short rank's rows pad the gather
     got = launch(workers.sharded_ranks_worker, 2, num_items, dim, per_rank, exclude_seen)
-    assert sorted(s for r in got.values() for s in r["shards"]) == [(0, 19), (19, 18)]
+    half = -(-num_items // 2)
+    assert sorted(s for r in got.values() for s in r["shards"]) == [(0, half), (half, num_items - half)]
     table = initial_table(5, 0, num_items, dim)
     for rank in (0, 1):
         query, targets, history = workers.ranking_inputs(rank, per_rank[rank], num_items, dim)
@@ -155,7 +159,8 @@ def _sets(data: str, run_dir: Path, **extra) -> dict:
 
 def test_trainer_with_sharded_tables_resumes_exactly_and_exports(data, tmp_path):
     from seqrec.data.schema import read_manifest
-    from seqrec.engine import TABLES_DIR, DistInfo
+    from seqrec.distributed import DistInfo
+    from seqrec.engine import TABLES_DIR
     from seqrec.evaluate import by_scores, evaluate
     from seqrec.export import export_model, load_exported
     from seqrec.tables import PLAN_FILE, consolidate

@@ -82,7 +82,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
 
 def test_zero3_export_reproduces_test_metrics_and_recommends(data, tmp_path):
     from seqrec.data.schema import read_manifest
-    from seqrec.engine import DistInfo
+    from seqrec.distributed import DistInfo
     from seqrec.evaluate import by_scores, evaluate
     from seqrec.export import export_model, load_exported, recommend
 

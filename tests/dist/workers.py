@@ -63,8 +63,8 @@ def full_params(module: torch.nn.Module, zero_stage: int) -> dict[str, torch.Ten
 
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {n: p.detach().clone().float() for n, p in module.named_parameters()}
-    return {n: p.detach().clone().float() for n, p in module.named_parameters()}
+            return {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
+    return {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
 
 
 def equivalence_worker(data: str, run_dir: str, zero_stage: int, micro: int, steps: int) -> dict[str, Any]:
@@ -75,7 +75,8 @@ def equivalence_worker(data: str, run_dir: str, zero_stage: int, micro: int, ste
     """
     from seqrec.data.schema import read_manifest
     from seqrec.engine import build_engine, init_distributed
-    from seqrec.model import DataSpec, SeqRecModel
+    from seqrec.data.spec import DataSpec
+    from seqrec.model import SeqRecModel
 
     world = int(os.environ["WORLD_SIZE"])
     cfg = tiny_config(data, run_dir, **{"dist.zero_stage": zero_stage, "train.micro_batch_size": micro,
@@ -119,7 +120,8 @@ def zero3_partition_worker(data: str, run_dir: str) -> dict[str, int]:
     """Build the engine under ZeRO-3 and report how much of the fused table this rank holds."""
     from seqrec.data.schema import read_manifest
     from seqrec.engine import build_engine, init_distributed
-    from seqrec.model import DataSpec, SeqRecModel
+    from seqrec.data.spec import DataSpec
+    from seqrec.model import SeqRecModel
 
     cfg = tiny_config(data, run_dir, **{"dist.zero_stage": 3, "train.micro_batch_size": 4, "train.global_batch_size": 8})
     info = init_distributed(cfg.dist)
@@ -173,7 +175,7 @@ def full_length_sequences(num_users: int, num_items: int, length: int) -> list[l
 
 
 def local_table_shards(tables) -> dict[str, list[tuple[int, torch.Tensor]]]:
-    return {t.name: [(s.start, s.rows.detach().clone()) for s in tables.local_shards(t.name)] for t in tables.specs}
+    return {t.name: [(s.start, s.rows.detach().float().cpu().clone()) for s in tables.local_shards(t.name)] for t in tables.specs}
 
 
 def tables_equivalence_worker(data: str, run_dir: str, micro: int, steps: int, optimizer: str) -> dict[str, Any]:
@@ -184,7 +186,8 @@ def tables_equivalence_worker(data: str, run_dir: str, micro: int, steps: int, o
     """
     from seqrec.data.schema import read_manifest
     from seqrec.engine import build_engine, init_distributed
-    from seqrec.model import DataSpec, SeqRecModel
+    from seqrec.data.spec import DataSpec
+    from seqrec.model import SeqRecModel
 
     world = int(os.environ["WORLD_SIZE"])
     cfg = tiny_config(data, run_dir, **{

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from seqrec import checkpoint as ckpt
-from seqrec.engine import free_port
+from seqrec.distributed import free_port
 from tests.e2e.test_pipeline import _kill_tree
 from tests.fixtures import write_tiny_dataset
 

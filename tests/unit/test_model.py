@@ -15,8 +15,9 @@ from torch import nn
 
 from seqrec.config import EmbeddingsConfig, LossConfig, ModelConfig
 from seqrec.data.schema import SchemaError, read_manifest
+from seqrec.data.spec import DataSpec
 from seqrec.metrics import ranking_sums, target_ranks
-from seqrec.model import DataSpec, SeqRecModel, time_gap_ids
+from seqrec.model import SeqRecModel, time_gap_ids
 
 pytestmark = pytest.mark.unit
 

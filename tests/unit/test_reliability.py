@@ -55,3 +55,25 @@ def test_fault_point_kills_only_where_asked():
     for fault in ("eval", "checkpoint", "checkpoint:20"):
         proc = run(fault)
         assert proc.returncode == -9 and "alive" not in proc.stdout
+
+
+def test_a_missing_rank_is_a_bounded_error_naming_the_rendezvous():
+    """Rank 0 of 2 with nobody else coming: a RendezvousError naming the address after timeout_s."""
+    from seqrec.distributed import free_port
+
+    port = free_port()
+    code = (
+        "import time; from seqrec.config import DistConfig; "
+        "from seqrec.distributed import DistInfo, RendezvousError, init_process_group\n"
+        "t = time.monotonic()\n"
+        "try:\n"
+        "    init_process_group(DistConfig(timeout_s=3), DistInfo.from_env())\n"
+        "except RendezvousError as e:\n"
+        "    print(round(time.monotonic() - t), e)\n"
+    )
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    seconds, _, message = out.stdout.strip().partition(" ")
+    assert f"the process group of 2 ranks at 127.0.0.1:{port} did not form within dist.timeout_s=3 s" in message, out
+    assert 3 <= int(seconds) <= 60

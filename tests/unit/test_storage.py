@@ -16,7 +16,7 @@ import torch
 from seqrec.data import schema, storage
 from seqrec.data.loader import ShardLoader, row_groups_per_rank
 from seqrec.data.schema import SchemaError, StorageError
-from seqrec.model import DataSpec
+from seqrec.data.spec import DataSpec
 from tests.conftest import free_port
 from tests.fixtures import write_tiny_dataset
 

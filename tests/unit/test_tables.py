@@ -64,3 +64,11 @@ def test_initial_rows_do_not_depend_on_how_the_table_is_split():
     init_rows(other, 0, seed=3, table_index=2)
     assert not torch.equal(other, whole)
     assert abs(float(whole.std()) - 0.02) < 1e-3
+
+
+def test_large_tables_are_sharded_row_wise_unless_pinned():
+    cfg = EmbeddingsConfig(backend="torchrec", row_wise_min_rows=1000)
+    big, small = TableSpec("item", 1000), TableSpec("genre", 999)
+    assert ShardedTables._allowed(big, {}, cfg) == ["row_wise"]
+    assert ShardedTables._allowed(small, {}, cfg) == ["row_wise", "table_wise"]
+    assert ShardedTables._allowed(big, {"item": "table_wise"}, cfg) == ["table_wise"]
