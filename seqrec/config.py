@@ -95,7 +95,8 @@ class InputConfig:
 
     path: str = "data/demo/log/events"
     """Events path (file, folder or glob) on any filesystem Spark can read (local, s3a://, gs://, hdfs://).
-    For the adapter formats it may be the dataset folder (its standard file, e.g. u.data, is read)."""
+    For the adapter formats it may be the dataset folder (its standard file, e.g. u.data or the one
+    *.inter, is read; user-sequences reads every file of a folder)."""
     format: Literal[
         "parquet",
         "csv",
@@ -109,9 +110,9 @@ class InputConfig:
     ] = "parquet"
     """Input format: generic tables, or an adapter that exposes fixed columns user_id, item_id, ts
     (+ rating for MovieLens and RecBole). sequence-lines (`user item` lines) and user-sequences
-    (`user item1 item2 ...` lines) have no ts and need timestamp_format = "order"; recbole reads a
-    RecBole atomic `.inter` file (typed header; its `timestamp` field becomes ts). See
-    spark_jobs/adapters.py."""
+    (`user item1 item2 ...` lines; a line without items is quarantined as empty_sequence) have no
+    ts and need timestamp_format = "order"; recbole reads RecBole atomic `.inter` files (typed
+    header `name:type`; its `timestamp` field becomes ts). See spark_jobs/adapters.py."""
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     """Column mapping."""
     timestamp_format: Literal["unix_s", "unix_ms", "iso", "order"] = "unix_s"
@@ -233,6 +234,12 @@ class DataConfig:
     """Shuffle row-group order and rows within row groups every epoch (seeded)."""
     prefetch_batches: int = 8
     """Batches prepared ahead by the loader's background thread."""
+    virtual_shards: int = 0
+    """Virtual shards C of the training order (row group g belongs to shard g mod C; see
+    seqrec/data/loader.py). The order, and so the position in a checkpoint, does not depend on the
+    number of ranks: a run resumes on any world size that divides C. 0: the largest C <= max(8,
+    world size) that the row groups, the world size and train.global_batch_size allow; kept in the
+    checkpoint."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -518,8 +525,10 @@ def _validate_prepare(p: PrepareConfig) -> None:
         raise ConfigError(f"prepare.split.valid_time ({sp.valid_time}) must be <= prepare.split.test_time ({sp.test_time})")
     if sp.window_stride < 0 or sp.window_stride > sp.max_len:
         raise ConfigError(f"prepare.split.window_stride must be in [0, max_len = {sp.max_len}], got {sp.window_stride}")
-    if inp.format == "sequence-lines" and inp.timestamp_format != "order":
-        raise ConfigError("prepare.input.format = 'sequence-lines' has no time column: set prepare.input.timestamp_format = 'order'")
+    if inp.format in ("sequence-lines", "user-sequences") and inp.timestamp_format != "order":
+        raise ConfigError(
+            f"prepare.input.format = '{inp.format}' has no time column: set prepare.input.timestamp_format = 'order'"
+        )
     required = {"user": cols.user, "item": cols.item} | ({} if inp.timestamp_format == "order" else {"timestamp": cols.timestamp})
     for role, name in required.items():
         if not name:

@@ -30,8 +30,6 @@ from torch import Tensor, nn
 from seqrec.config import LossConfig
 from seqrec.data.schema import NUM_RESERVED_IDS
 
-MAX_MULTINOMIAL_CATEGORIES = 2**24  # torch.multinomial's limit on the number of categories
-
 
 def _mean(losses_N: Tensor) -> Tensor:
     # An empty selection gives 0 (not NaN) and keeps the graph, so every rank can still backward.
@@ -73,10 +71,32 @@ class _CountsLoss(nn.Module):
         self._item_counts = item_counts.detach().cpu().round().long()  # the source init_buffers restores
         self.register_buffer("item_counts_V", self._item_counts.clone(), persistent=False)
 
+        self._cache: dict[tuple[str, float], Tensor] = {}
+
     def init_buffers(self) -> None:
         """Restore the counts buffer (e.g. after `to_empty` from the meta device)."""
         with torch.no_grad():
             self.item_counts_V.copy_(self._item_counts)
+        self._cache.clear()
+
+    def _cdf(self, sampler: str, alpha: float) -> Tensor:
+        """Cumulative q [V] (float64), computed once: the only O(V) work, never per step."""
+        key = (sampler, alpha)
+        if key not in self._cache or self._cache[key].device != self.item_counts_V.device:
+            self._cache[key] = torch.cumsum(PROPOSALS[sampler](self.item_counts_V, alpha), 0)
+        return self._cache[key]
+
+    def q_at(self, ids: Tensor, sampler: str, alpha: float) -> Tensor:
+        """q(ids) (float64) without touching the other V - len(ids) items."""
+        num_items = len(self.item_counts_V)
+        if sampler == "uniform":
+            q = torch.full(ids.shape, 1.0 / (num_items - NUM_RESERVED_IDS), dtype=torch.float64, device=ids.device)
+        else:
+            key = ("total", alpha)
+            if key not in self._cache or self._cache[key].device != self.item_counts_V.device:
+                self._cache[key] = (self.item_counts_V[NUM_RESERVED_IDS:].double().clamp(min=1.0) ** alpha).sum()
+            q = self.item_counts_V[ids].double().clamp(min=1.0) ** alpha / self._cache[key]
+        return torch.where(ids < NUM_RESERVED_IDS, 0.0, q)
 
 
 class FullSoftmaxLoss(nn.Module):
@@ -107,8 +127,9 @@ class FullSoftmaxLoss(nn.Module):
 class SampledSoftmaxLoss(_CountsLoss):
     """Softmax over the label plus `num_negatives` items shared by the whole batch.
 
-    Negatives are drawn with replacement from q (uniform over real items, or count^alpha) with
-    `torch.multinomial` on the default generator (`candidate_ids`, before the table lookup). A
+    Negatives are drawn with replacement from q (uniform over real items, or count^alpha) on the
+    default generator (`candidate_ids`, before the table lookup); no step does O(V) work, so the
+    loss costs the same for 10^4 and 10^8 items. A
     negative equal to a row's label is masked for that row (accidental hit). With all real items
     once as the negatives and a uniform q this is exactly the full softmax.
     """
@@ -125,10 +146,15 @@ class SampledSoftmaxLoss(_CountsLoss):
         """q [V] (float64) that negatives are drawn from."""
         return PROPOSALS[self.sampler](self.item_counts_V, self.alpha)
 
-    def sample(self, q_V: Tensor | None = None) -> Tensor:
-        """`num_negatives` item ids drawn with replacement from q."""
-        q_V = self.proposal() if q_V is None else q_V
-        return torch.multinomial(q_V, self.num_negatives, replacement=True)
+    def sample(self) -> Tensor:
+        """`num_negatives` item ids drawn with replacement from q, in O(num_negatives x log V): uniform
+        ids directly, popularity by inverting the cumulative q (cached once)."""
+        device = self.item_counts_V.device
+        if self.sampler == "uniform":
+            return torch.randint(NUM_RESERVED_IDS, len(self.item_counts_V), (self.num_negatives,), device=device)
+        cdf_V = self._cdf(self.sampler, self.alpha)
+        u = torch.rand(self.num_negatives, dtype=torch.float64, device=device) * cdf_V[-1]
+        return torch.searchsorted(cdf_V, u, right=True).clamp(max=len(cdf_V) - 1)
 
     def candidate_ids(self, labels_N: Tensor) -> Tensor:
         """The shared negatives of this batch."""
@@ -138,13 +164,12 @@ class SampledSoftmaxLoss(_CountsLoss):
         self, query_ND: Tensor, labels_N: Tensor, label_ND: Tensor | None, negatives_M: Tensor, neg_MD: Tensor
     ) -> Tensor:
         assert label_ND is not None, "the sampled softmax needs the label rows"
-        q_V = self.proposal()
         pos_N = (query_ND * label_ND).sum(-1).float() / self.temperature
         neg_NM = (query_ND @ neg_MD.T).float() / self.temperature
         if self.logq_correction:
-            log_expected_V = (q_V * len(negatives_M)).log().float()
-            pos_N = pos_N - log_expected_V[labels_N]
-            neg_NM = neg_NM - log_expected_V[negatives_M]
+            M = len(negatives_M)
+            pos_N = pos_N - (self.q_at(labels_N, self.sampler, self.alpha) * M).log().float()
+            neg_NM = neg_NM - (self.q_at(negatives_M, self.sampler, self.alpha) * M).log().float()
         hit_NM = negatives_M.unsqueeze(0) == labels_N.unsqueeze(1)
         neg_NM = neg_NM.masked_fill(hit_NM, -float("inf"))
         logits_N1M = torch.cat([pos_N.unsqueeze(1), neg_NM], dim=1)
@@ -172,7 +197,7 @@ class InBatchSoftmaxLoss(_CountsLoss):
         target_N = torch.searchsorted(candidates_C, labels_N)
         logits_NC = (query_ND @ cand_CD.T).float() / self.temperature
         if self.logq_correction:
-            p_C = _popularity_q(self.item_counts_V, 1.0)[candidates_C]
+            p_C = self.q_at(candidates_C, "popularity", 1.0)
             # log(1 - (1 - p)^N), computed stably for tiny p.
             log_incl_C = torch.log(-torch.expm1(len(labels_N) * torch.log1p(-p_C))).float()
             logits_NC = logits_NC - log_incl_C
@@ -199,10 +224,5 @@ def build_loss(cfg: LossConfig, item_counts: Tensor) -> nn.Module:
     if item_counts.dim() != 1 or len(item_counts) <= NUM_RESERVED_IDS or bool((item_counts < 0).any()):
         raise ValueError(
             f"item_counts must be [num_items] non-negative counts with num_items > 2, got shape {tuple(item_counts.shape)}"
-        )
-    if cfg.kind == "sampled" and len(item_counts) > MAX_MULTINOMIAL_CATEGORIES:
-        raise ValueError(
-            f"loss.kind = 'sampled' draws with torch.multinomial, which takes at most "
-            f"{MAX_MULTINOMIAL_CATEGORIES} items; the catalogue has {len(item_counts)}"
         )
     return LOSSES[cfg.kind](cfg, item_counts)

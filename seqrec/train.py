@@ -100,6 +100,8 @@ class Trainer:
             seed=cfg.train.seed,
             shuffle=cfg.data.shuffle,
             prefetch_batches=cfg.data.prefetch_batches,
+            global_batch_size=cfg.train.global_batch_size,
+            virtual_shards=cfg.data.virtual_shards,
         )
         self.step = 0
         self.best: dict[str, Any] = {"step": None, "value": -math.inf, "metrics": {}}
@@ -183,18 +185,26 @@ class Trainer:
             return
         if not (folder / ckpt.COMPLETE).is_file():
             raise FileNotFoundError(f"{folder}: not a complete checkpoint (no {ckpt.COMPLETE} marker)")
+        saved_world = int(ckpt.client_state(folder).get("world_size", self.info.world_size))
+        if saved_world != self.info.world_size and self.cfg.dist.zero_stage > 0:
+            raise SchemaError(
+                f"{folder}: written by {saved_world} ranks under ZeRO-{self.cfg.dist.zero_stage}, resumed with "
+                f"{self.info.world_size}: ZeRO partitions of the optimizer state reshard only from ZeRO-0 runs"
+            )
         client = self.engine.load(folder.parent, folder.name, with_optimizer=True)
         self.check_compatible(folder, client)
-        if client.get("world_size") != self.info.world_size:
-            raise SchemaError(
-                f"{folder}: written by {client.get('world_size')} ranks, resumed with {self.info.world_size}; "
-                "exact resume needs the same world size"
-            )
         self.load_state_dict(client["loop"])
-        rank_state = ckpt.read_rank_state(folder, self.info.rank)
-        self.loader.load_state_dict(rank_state["loader"])
-        ckpt.set_rng_state(rank_state["rng"])
-        log.info("resumed from %s (step %d)", folder, self.step)
+        self.loader.load_state_dict(client["loader"])  # the global sample offset: the same on every rank
+        if saved_world == self.info.world_size:
+            ckpt.set_rng_state(ckpt.read_rank_state(folder, self.info.rank)["rng"])
+            log.info("resumed from %s (step %d)", folder, self.step)
+        else:
+            # Per-rank random streams (dropout, negatives) cannot be carried over to other ranks.
+            torch.manual_seed(self.cfg.train.seed + 1 + self.info.rank + 1_000_003 * self.step)
+            log.info(
+                "resumed from %s (step %d), written by %d ranks, on %d ranks: same weights and data position, "
+                "new per-rank random streams", folder, self.step, saved_world, self.info.world_size,
+            )
 
     def load_weights(self, folder: Path) -> dict[str, Any]:
         client = self.engine.load(folder.parent, folder.name, with_optimizer=False)

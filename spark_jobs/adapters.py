@@ -3,7 +3,7 @@
 `read_events` returns the configured columns in their own types (validation parses them; the
 quarantine table shows them as strings) plus `_row`, the event's position in the input: files in
 path-name order, rows in file order, dense from 0. `_row` is the stable tie-break for events with
-equal timestamps and the time of the `sequence-lines` format.
+equal timestamps and the time of the `sequence-lines` and `user-sequences` formats.
 
 Formats (`prepare.input.format`):
 
@@ -13,11 +13,33 @@ Formats (`prepare.input.format`):
     movielens-1m             `ratings.dat`: UserID::MovieID::Rating::Timestamp
     sequence-lines           `user item` per line, each user's lines already in time order
                              (the line order is the time: `input.timestamp_format = "order"`)
+    user-sequences           `user item1 item2 ...` per line, items in time order: the S3Rec /
+                             CL4SRec / DuoRec / BSARec benchmark files. Fields are separated by any
+                             run of blanks (spaces, tabs; CRLF line ends are fine; no quoting).
+                             Each item is one event; `_row` runs over lines in file order, then
+                             items in line order, so the position is the time (`timestamp_format =
+                             "order"`). A user may have several lines (appended in line order). A
+                             line with no items (a user alone, or a blank line) is one event,
+                             quarantined as `empty_sequence`, so it is counted in events_in. A
+                             folder path reads every file in it, in name order (no standard file).
+    recbole                  RecBole atomic `.inter` file: tab separated, quoted like CSV (`""`
+                             inside quotes is one quote), first line a typed header `name:type`
+                             (type token, token_seq, float or float_seq). Columns are the names
+                             without the type; the `timestamp` field is exposed as `ts` (unless the
+                             file has a `ts` field), so a standard file (`user_id:token
+                             item_id:token rating:float timestamp:float`, float unix seconds) needs
+                             no column mapping beyond `columns.action = ""`. Values stay strings
+                             (validation parses them; `*_seq` fields keep their space-separated
+                             text). Blank lines are skipped (as in CSV), fields past the header's
+                             are dropped, missing trailing fields are null. The path may be a folder
+                             holding exactly one `*.inter` file, or a glob of files with the same
+                             columns. A header field that is empty, untyped, of an unknown type or
+                             repeated stops the job naming it and the file.
 
 The adapters expose fixed column names, which the default `input.columns` already match:
-`user_id`, `item_id`, `ts`, and `rating` for the MovieLens files (set `columns.rating = "rating"` to
-use it, `columns.action = ""`: MovieLens has no action column). A path may be the adapter's folder
-(`.../movielens-100k`): its standard file (`u.data`, ...) is used.
+`user_id`, `item_id`, `ts`, and `rating` for the MovieLens and RecBole files (set
+`columns.rating = "rating"` to use it, `columns.action = ""`: these files have no action column). A
+path may be the adapter's folder (`.../movielens-100k`): its standard file (`u.data`, ...) is used.
 
 Item tables (`input.item_features_format`) give `item_id` plus feature columns; the MovieLens
 adapters give `genres` (array of strings) from `u.item` (19 genre flags named by `u.genre`),
@@ -32,7 +54,7 @@ from functools import reduce
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, StringType, StructType
+from pyspark.sql.types import ArrayType, StringType, StructField, StructType
 
 from seqrec.config import InputConfig
 
@@ -42,13 +64,19 @@ ROW = "_row"
 """Input position of an event (files in name order, then rows in file order), dense from 0."""
 CORRUPT = "_corrupt_record"
 """Spark's column for JSON lines it could not parse."""
+EMPTY = "_empty_sequence"
+"""True on the one event of a `user-sequences` line without items (validation quarantines it)."""
 
 _EVENT_FILES = {
     "movielens-100k": "u.data",
     "movielens-latest-small": "ratings.csv",
     "movielens-1m": "ratings.dat",
     "sequence-lines": "sequences.txt",
+    "recbole": "*.inter",  # a pattern: the folder must hold exactly one match
 }
+_NO_TIME_COLUMN = ("sequence-lines", "user-sequences")
+RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
+"""Feature types of a RecBole atomic file header (`name:type`)."""
 _ITEM_FILES = {
     "movielens-100k": "u.item",
     "movielens-latest-small": "movies.csv",
@@ -107,9 +135,16 @@ def resolve_input(spark: SparkSession, path: str, standard_file: str | None, wha
         raise InputDataError(f"{what} path {path} does not exist")
     if standard_file and is_dir(spark, path):
         inner = path.rstrip("/") + "/" + standard_file
-        if not path_exists(spark, inner):
+        p, fs = _hadoop_path(spark, inner)
+        names = sorted(s.getPath().getName() for s in (fs.globStatus(p) or []))
+        if not names:
             raise InputDataError(f"{what} folder {path} has no {standard_file}")
-        return inner
+        if len(names) > 1:
+            raise InputDataError(
+                f"{what} folder {path} has {len(names)} {standard_file} files ({', '.join(names)}); "
+                "set the path to one of them"
+            )
+        return path.rstrip("/") + "/" + names[0]
     return path
 
 
@@ -120,7 +155,76 @@ def resolve_input(spark: SparkSession, path: str, standard_file: str | None, wha
 
 def _split_text(spark: SparkSession, path: str, pattern: str, names: list[str]) -> DataFrame:
     parts = F.split(F.trim(F.col("value")), pattern)  # trim: no empty field before leading blanks
-    return spark.read.text(path).select(*[parts.getItem(i).alias(n) for i, n in enumerate(names)])
+    # F.get: null past the end of a short line (validation quarantines it); `[i]` fails the job (ANSI)
+    return spark.read.text(path).select(*[F.get(parts, i).alias(n) for i, n in enumerate(names)])
+
+
+def _user_sequences(spark: SparkSession, path: str) -> DataFrame:
+    """`user item1 item2 ...` lines -> one row per item, in line order; a line without items gives
+    one row with a null item and `EMPTY` set. `_metadata` (the scan's file columns) is kept as a
+    plain column so that `with_row_index` still finds the file of each exploded row."""
+    tokens = F.filter(F.split(F.col("value"), r"\s+"), lambda t: t != "")  # any blanks, either end
+    lines = spark.read.text(path).select(tokens.alias("t"), F.col("_metadata"))
+    items = F.slice("t", 2, F.greatest(F.size("t") - 1, F.lit(0)))
+    return lines.select(
+        F.get("t", 0).alias("user_id"),  # null on a blank line (`[0]` would fail the job: ANSI)
+        F.explode_outer(items).alias("item_id"),  # explode keeps the line's order, in its partition
+        (F.size("t") <= 1).alias(EMPTY),
+        "_metadata",
+    )
+
+
+def _first_line(spark: SparkSession, path: str) -> str:
+    """The first line of a file, through Hadoop's FileSystem (any scheme Spark reads)."""
+    p, fs = _hadoop_path(spark, path)
+    jvm = spark.sparkContext._jvm
+    stream = fs.open(p)
+    try:
+        line = jvm.java.io.BufferedReader(jvm.java.io.InputStreamReader(stream, "UTF-8")).readLine()
+    finally:
+        stream.close()
+    return (line or "").rstrip("\r").removeprefix("\ufeff")  # a UTF-8 byte order mark is no name
+
+
+def recbole_columns(header: str, path: str) -> list[str]:
+    """Column names of a RecBole header (`user_id:token\titem_id:token ...`), types stripped; the
+    `timestamp` field becomes `ts`. Raises InputDataError naming the field and the file."""
+    if not header.strip():
+        raise InputDataError(
+            f"{path}: no RecBole header line (expected e.g. 'user_id:token<TAB>item_id:token')"
+        )
+    names: list[str] = []
+    for i, field_text in enumerate(header.split("\t"), start=1):
+        entry = field_text.strip()
+        if not entry:
+            raise InputDataError(f"{path}: RecBole header field {i} is empty (a stray tab?)")
+        name, sep, kind = entry.rpartition(":")
+        if not sep or not name:
+            raise InputDataError(f"{path}: RecBole header field '{entry}' has no ':type' suffix")
+        if kind not in RECBOLE_TYPES:
+            raise InputDataError(
+                f"{path}: RecBole header field '{name}' has unknown type '{kind}' "
+                f"(known: {', '.join(RECBOLE_TYPES)})"
+            )
+        if name in names:
+            raise InputDataError(f"{path}: RecBole header field '{name}' appears twice")
+        names.append(name)
+    return ["ts" if n == "timestamp" and "ts" not in names else n for n in names]
+
+
+def _recbole_inter(spark: SparkSession, path: str) -> DataFrame:
+    """A `.inter` file, or a glob of them whose headers give the same columns."""
+    p, fs = _hadoop_path(spark, path)
+    files = sorted(str(s.getPath()) for s in (fs.globStatus(p) or []) if s.isFile())
+    if not files:
+        raise InputDataError(f"prepare.input.path {path} matches no file")
+    shown = files if len(files) > 1 else [path]  # one file: named as the config does
+    headers = [recbole_columns(_first_line(spark, f), s) for f, s in zip(files, shown, strict=True)]
+    for name, columns in zip(shown[1:], headers[1:], strict=True):
+        if columns != headers[0]:
+            raise InputDataError(f"{name}: RecBole columns {columns} differ from {headers[0]} in {shown[0]}")
+    schema = StructType([StructField(n, StringType()) for n in headers[0]])  # header skipped, not used
+    return _read_csv(spark, path, "\t", True, schema)
 
 
 def _read_csv(
@@ -142,6 +246,8 @@ def _reader(spark: SparkSession, inp: InputConfig, path: str, schema: StructType
         "movielens-latest-small": lambda: _read_csv(spark, path, ",", True).toDF(*_ML_COLUMNS),
         "movielens-1m": lambda: _split_text(spark, path, "::", _ML_COLUMNS),
         "sequence-lines": lambda: _split_text(spark, path, r"\s+", ["user_id", "item_id"]),
+        "user-sequences": lambda: _user_sequences(spark, path),
+        "recbole": lambda: _recbole_inter(spark, path),
     }
     return readers[inp.format]()
 
@@ -171,17 +277,20 @@ def read_events(spark: SparkSession, inp: InputConfig) -> RawEvents:
 
     Raises InputDataError when the path or a configured column is missing.
     """
+    if inp.format in _NO_TIME_COLUMN and inp.timestamp_format != "order":
+        raise InputDataError(
+            f"prepare.input.format = '{inp.format}' has no time column: "
+            "set prepare.input.timestamp_format = 'order'"
+        )
     path = resolve_input(spark, inp.path, _EVENT_FILES.get(inp.format), "prepare.input.path")
     df = _reader(spark, inp, path)
     roles = event_roles(inp)
     missing = [f"{role} column '{name}'" for role, name in roles.items() if name not in df.columns]
     if missing:
-        raise InputDataError(
-            f"{path}: missing {', '.join(missing)} (has {df.columns}); see prepare.input.columns"
-        )
+        has = [c for c in df.columns if c not in (EMPTY, "_metadata")]
+        raise InputDataError(f"{path}: missing {', '.join(missing)} (has {has}); see prepare.input.columns")
     cols = [F.col(f"`{name}`").alias(role_column(role)) for role, name in roles.items()]
-    if CORRUPT in df.columns:
-        cols.append(F.col(CORRUPT))
+    cols += [F.col(marker) for marker in (CORRUPT, EMPTY) if marker in df.columns]
     ordered = _in_input_order(spark, inp, path, df)
     indexed = with_dense_row_index(ordered) if ordered is not None else with_row_index(df)
     return RawEvents(df=indexed.select(*cols, ROW), names=roles, path=path)

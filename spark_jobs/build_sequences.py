@@ -128,6 +128,13 @@ def _validate(run: _Run) -> tuple[DataFrame, RawEvents, dict[int, int]]:
     for r in rows:
         if r[REASON] is not None:
             counts.quarantine[r[REASON]] += r["count"]
+    if not any(r[REASON] is None for r in rows):
+        # Nothing to build shards from; stopping here also keeps Spark from waiting forever on the
+        # row-filter observation of an empty plan.
+        raise InputDataError(
+            f"{raw.path}: no valid events ({counts.events_in:,} rows read; quarantined: "
+            f"{nonzero(counts.quarantine) or 'none'}); nothing to prepare"
+        )
     table = quarantine_table(parsed, raw)
     if not sum(counts.quarantine.values()):
         table = run.spark.createDataFrame([], table.schema)  # an empty table with the same columns

@@ -3,6 +3,7 @@
 Each raw row gets the first failing reason of `QUARANTINE_REASONS` (in that order) or none:
 
     malformed_row         JSON line Spark could not parse
+    empty_sequence        `user-sequences` line without items (a user alone, or a blank line)
     missing_user          user id null or empty (ids are trimmed)
     missing_item          item id null or empty
     missing_timestamp     timestamp null or empty
@@ -28,10 +29,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import DataType, DateType, IntegralType, NumericType, StringType, TimestampType
 
 from seqrec.config import InputConfig
-from spark_jobs.adapters import CORRUPT, ROW, RawEvents, role_column
+from spark_jobs.adapters import CORRUPT, EMPTY, ROW, RawEvents, role_column
 
 QUARANTINE_REASONS = (
     "malformed_row",
+    "empty_sequence",
     "missing_user",
     "missing_item",
     "missing_timestamp",
@@ -116,6 +118,8 @@ def parse_events(raw: RawEvents, inp: InputConfig) -> DataFrame:
     checks: list[tuple[str, Column]] = []
     if CORRUPT in df.columns:
         checks.append(("malformed_row", F.col(CORRUPT).isNotNull()))
+    if EMPTY in df.columns:
+        checks.append(("empty_sequence", F.col(EMPTY)))
     checks += [
         ("missing_user", _blank(F.col("user"), types[role_column("user")])),
         ("missing_item", _blank(F.col("item"), types[role_column("item")])),

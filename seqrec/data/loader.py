@@ -1,14 +1,24 @@
-"""Reading shards with petastorm: rank striping, equal steps per rank, exact resume, collation.
+"""Reading shards with petastorm: virtual shards, equal steps per rank, exact and reshardable resume.
 
-Rank r of W reads the row groups whose global index (files sorted by path, row groups in file order)
-is r mod W: petastorm's `cur_shard`/`shard_count` sharding, disjoint and covering. Every rank takes
-the same number of steps per epoch (the smallest rank's rows // micro batch), so collectives never
-wait on a rank that ran dry (torchtitan: finite data with DP "can exhaust ranks at different steps").
+Training order (train=True). The split's row groups (files sorted by path, row groups in file order)
+are dealt into C *virtual shards*: row group g belongs to virtual shard g mod C. Each virtual shard is
+read by its own petastorm reader (`cur_shard=c, shard_count=C`) that shuffles its row groups and
+rows with a seed of (seed, epoch, c), so its row stream is a pure function of (seed, epoch, c) and
+does not depend on the number of ranks. Optimizer step s of an epoch consumes rows
+[s * G/C, (s+1) * G/C) of every virtual shard's stream (G = train.global_batch_size). Rank r of W
+owns the virtual shards c = r, r+W, ... (W must divide C); it concatenates its shards' rows of the
+step and cuts them into the step's `accumulation` micro batches. Every rank takes the same number
+of steps per epoch (the shortest virtual shard's rows // (G/C)), so collectives never wait on a rank
+that ran dry (torchtitan: finite data with DP "can exhaust ranks at different steps").
 
-Order inside an epoch is a pure function of (seed, epoch, rank): petastorm shuffles row groups and
-rows with a seed of ours and reads synchronously inside our prefetch thread, which keeps order. The
-position is `(epoch, batches taken in this epoch)`; resuming re-opens the epoch's reader and skips
-the batches already taken, so a resumed run neither repeats nor skips a sample.
+The position is a global sample offset: (epoch, rows consumed per virtual shard), the same on every
+rank. The set of samples of each step does not depend on the world size, so a checkpoint written by
+W ranks resumes on W' ranks (any W' dividing C) with a data position that neither repeats nor skips
+a sample; only the grouping of a step's samples into ranks and micro batches changes. C is chosen
+once per run (`data.virtual_shards`, or the largest C <= max(8, W) that the row groups, W and G
+allow) and kept in the checkpoint.
+
+Evaluation (train=False): rank r reads the row groups g with g mod W == r, one pass, every row once.
 
 Ranks are passed in as ints; this module never calls torch.distributed (torchtitan GrainDataLoader).
 """
@@ -72,10 +82,89 @@ def collate(columns: dict[str, np.ndarray], names: list[str]) -> Batch:
     return out
 
 
+def row_group_sizes(manifest: Manifest, split: str) -> list[int]:
+    """Rows of every row group of a split, in the global order (files by path, groups in file order)."""
+    sizes = []
+    for f in sorted(manifest.files(split), key=lambda f: manifest.path(f.path)):
+        meta = storage.parquet_file(manifest.path(f.path)).metadata
+        sizes += [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    return sizes
+
+
+def choose_virtual_shards(requested: int, num_row_groups: int, world_size: int, global_batch: int, where: str) -> int:
+    """C for a fresh run: `requested`, or the largest C <= max(8, W) with C <= row groups, W | C, C | G."""
+    if requested:
+        check_virtual_shards(requested, num_row_groups, world_size, global_batch, where)
+        return requested
+    for c in range(min(max(DEFAULT_VIRTUAL_SHARDS, world_size), num_row_groups), 0, -1):
+        if c % world_size == 0 and global_batch % c == 0:
+            return c
+    raise SchemaError(
+        f"{where}: {num_row_groups} row groups cannot feed {world_size} ranks with global batches of {global_batch} "
+        f"rows; re-run `seqrec prepare` with prepare.shards.max_world_size >= {world_size}"
+    )
+
+
+def check_virtual_shards(c: int, num_row_groups: int, world_size: int, global_batch: int, where: str) -> None:
+    if c > num_row_groups:
+        raise SchemaError(f"{where}: data.virtual_shards = {c} but the split has only {num_row_groups} row groups")
+    if c % world_size:
+        raise SchemaError(
+            f"{where}: the world size {world_size} does not divide the {c} virtual shards of this run "
+            f"(data.virtual_shards); use a world size among {[w for w in range(1, c + 1) if c % w == 0]}"
+        )
+    if global_batch % c:
+        raise SchemaError(f"{where}: train.global_batch_size {global_batch} is not a multiple of the {c} virtual shards")
+
+
+DEFAULT_VIRTUAL_SHARDS = 8
+
+
 @dataclass(slots=True)
 class LoaderState:
+    """Position after the last batch taken: `rows` consumed per virtual shard in `epoch` (a multiple
+    of G/C), plus `micro` batches taken of the next step (0 at every optimizer-step boundary)."""
+
     epoch: int = 0
-    batches_in_epoch: int = 0
+    rows: int = 0
+    micro: int = 0
+
+
+class _Rows:
+    """Exact row counts out of a stream of row-group chunks."""
+
+    def __init__(self, chunks: Iterator[dict[str, np.ndarray]], columns: list[str], where: str) -> None:
+        self.chunks, self.columns, self.where = chunks, columns, where
+        self.buffer: list[dict[str, np.ndarray]] = []
+        self.buffered = 0
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        while self.buffered < n:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                raise SchemaError(f"{self.where}: ran out of rows (the shards changed under the run?)")
+            self.buffer.append(chunk)
+            self.buffered += len(chunk[COL_LENGTH])
+        merged = {k: np.concatenate([c[k] for c in self.buffer]) for k in self.columns}
+        rest = {k: v[n:] for k, v in merged.items()}
+        self.buffered -= n
+        self.buffer = [rest] if self.buffered else []
+        return {k: v[:n] for k, v in merged.items()}
+
+    def skip(self, n: int) -> None:
+        """Drop n rows without holding them (resume: the samples consumed before the checkpoint)."""
+        while self.buffered < n:
+            n -= self.buffered
+            self.buffer, self.buffered = [], 0
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                raise SchemaError(f"{self.where}: ran out of rows (the shards changed under the run?)")
+            self.buffer, self.buffered = [chunk], len(chunk[COL_LENGTH])
+        if n:
+            self.take(n)
+
+    def close(self) -> None:
+        self.chunks.close()  # type: ignore[attr-defined]
 
 
 class ShardLoader:
@@ -108,6 +197,8 @@ class ShardLoader:
         shuffle: bool = True,
         train: bool = True,
         prefetch_batches: int = 8,
+        global_batch_size: int = 0,
+        virtual_shards: int = 0,
     ) -> None:
         verify_split(manifest, split)
         self.manifest, self.split = manifest, split
@@ -115,13 +206,22 @@ class ShardLoader:
         self.batch_size, self.seed = batch_size, seed
         self.shuffle, self.train = shuffle, train
         self.prefetch_batches = prefetch_batches
+        self.where = f"{manifest.manifest_path} (split '{split}')"
         self.rank_rows = row_groups_per_rank(manifest, split, dp_world_size)
-        self.steps_per_epoch = min(self.rank_rows) // batch_size
-        if train and self.steps_per_epoch == 0:
-            raise SchemaError(
-                f"{manifest.manifest_path}: split '{split}' gives rank {int(np.argmin(self.rank_rows))} only "
-                f"{min(self.rank_rows)} rows, fewer than one micro batch of {batch_size}"
+        if train:
+            self.global_batch = global_batch_size or batch_size * dp_world_size
+            if self.global_batch % (batch_size * dp_world_size):
+                raise SchemaError(
+                    f"{self.where}: global batch {self.global_batch} is not a multiple of micro batch {batch_size} x "
+                    f"{dp_world_size} ranks"
+                )
+            self.accumulation = self.global_batch // (batch_size * dp_world_size)
+            self.group_sizes = row_group_sizes(manifest, split)
+            self._set_virtual_shards(
+                choose_virtual_shards(virtual_shards, len(self.group_sizes), dp_world_size, self.global_batch, self.where)
             )
+        else:
+            self.steps_per_epoch = min(self.rank_rows) // batch_size
         self.state = LoaderState()
         files = sorted(manifest.path(f.path) for f in manifest.files(split))
         # Local shards: file:// URLs; remote ones (s3://...): URLs plus a file system (see storage).
@@ -129,20 +229,52 @@ class ShardLoader:
         schema = storage.parquet_file(files[0]).schema_arrow
         self.columns = [n for n in schema.names if n != COL_USER]
 
+    def _set_virtual_shards(self, c: int) -> None:
+        """Layout of the training order for C virtual shards (W | C and C | G checked by the caller)."""
+        self.virtual_shards = c
+        self.shard_rows = [sum(self.group_sizes[v::c]) for v in range(c)]
+        self.rows_per_step = self.global_batch // c  # rows of every virtual shard per optimizer step
+        self.optimizer_steps_per_epoch = min(self.shard_rows) // self.rows_per_step
+        self.steps_per_epoch = self.optimizer_steps_per_epoch * self.accumulation  # micro batches per rank
+        if self.optimizer_steps_per_epoch == 0:
+            short = int(np.argmin(self.shard_rows))
+            raise SchemaError(
+                f"{self.where}: virtual shard {short} of {c} holds {self.shard_rows[short]} rows, fewer than the "
+                f"{self.rows_per_step} it must give every step (global batch {self.global_batch} / {c})"
+            )
+
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.state.epoch, "batches_in_epoch": self.state.batches_in_epoch}
+        """The global sample offset (the same on every rank) and the layout it refers to."""
+        out = {"epoch": self.state.epoch, "rows": self.state.rows, "micro": self.state.micro}
+        if self.train:
+            out |= {"virtual_shards": self.virtual_shards, "world_size": self.world_size, "global_batch": self.global_batch}
+        return out
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.state = LoaderState(epoch=int(state["epoch"]), batches_in_epoch=int(state["batches_in_epoch"]))
+        """Resume at `state`, possibly written by another number of ranks (see the module docstring)."""
+        missing = [k for k in ("epoch", "rows", "micro", "virtual_shards", "global_batch") if k not in state]
+        if missing:
+            raise SchemaError(f"{self.where}: loader state {state} has no {missing} (written by an older seqrec?)")
+        if int(state["global_batch"]) != self.global_batch:
+            raise SchemaError(
+                f"{self.where}: the checkpoint trained with global batches of {state['global_batch']} rows, this run "
+                f"with {self.global_batch}; keep train.global_batch_size to resume"
+            )
+        c = int(state["virtual_shards"])
+        check_virtual_shards(c, len(self.group_sizes), self.world_size, self.global_batch, self.where)
+        if int(state["micro"]) and int(state.get("world_size", self.world_size)) != self.world_size:
+            raise SchemaError(f"{self.where}: a position inside an optimizer step resumes only on the same world size")
+        self._set_virtual_shards(c)
+        self.state = LoaderState(epoch=int(state["epoch"]), rows=int(state["rows"]), micro=int(state["micro"]))
 
     # ---------------------------------------------------------------- reading
-    def _epoch_seed(self, epoch: int) -> int:
+    def _epoch_seed(self, epoch: int, shard: int = 0) -> int:
         # Never 0: petastorm treats seed 0 like None and shuffles with the global np.random state.
-        return self.seed * 100_003 + epoch + 1
+        return (self.seed * 100_003 + epoch) * 1009 + shard + 1
 
-    def _rows(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """Row-group chunks of this rank for one epoch, in the epoch's deterministic order."""
+    def _rows(self, epoch: int, shard: int, shard_count: int) -> Iterator[dict[str, np.ndarray]]:
+        """Row-group chunks of row groups g = shard mod shard_count, in the epoch's deterministic order."""
         from petastorm import make_batch_reader
 
         _quiet_petastorm()
@@ -154,12 +286,12 @@ class ShardLoader:
             # reads of 15 row groups came back short). The synchronous pool is exact; our own
             # background thread (__iter__) provides the prefetching.
             reader_pool_type="dummy",
-            seed=self._epoch_seed(epoch),
+            seed=self._epoch_seed(epoch, shard),
             shuffle_row_groups=self.shuffle,
             shuffle_rows=self.shuffle,
             num_epochs=1,
-            cur_shard=self.rank,
-            shard_count=self.world_size,
+            cur_shard=shard,
+            shard_count=shard_count,
         )
         try:
             for chunk in reader:
@@ -169,11 +301,11 @@ class ShardLoader:
             reader.stop()
             reader.join()
 
-    def _batches(self, epoch: int) -> Iterator[Batch]:
-        """Fixed-size batches of one epoch (the tail is kept only in one-pass mode)."""
+    def _eval_batches(self) -> Iterator[Batch]:
+        """One pass over this rank's row groups (g mod W == rank) in fixed-size batches, the last short."""
         pending: list[dict[str, np.ndarray]] = []
         pending_rows = 0
-        for chunk in self._rows(epoch):
+        for chunk in self._rows(0, self.rank, self.world_size):
             pending.append(chunk)
             pending_rows += len(chunk[COL_LENGTH])
             while pending_rows >= self.batch_size:
@@ -182,7 +314,7 @@ class ShardLoader:
                 rest = {k: v[self.batch_size :] for k, v in merged.items()}
                 pending_rows -= self.batch_size
                 pending = [rest] if pending_rows else []
-        if pending_rows and not self.train:
+        if pending_rows:
             merged = {k: np.concatenate([c[k] for c in pending]) for k in self.columns}
             yield collate(merged, self.columns)
 
@@ -192,21 +324,37 @@ class ShardLoader:
         The returned iterator must be closed (`close()`, or `with iter(loader) as batches:`): it joins
         the prefetch thread, which must never outlive the interpreter's teardown (see `Batches`).
         """
-        return Batches(self, LoaderState(self.state.epoch, self.state.batches_in_epoch))
+        return Batches(self, LoaderState(self.state.epoch, self.state.rows, self.state.micro))
 
-    def _produce_from(self, start: LoaderState) -> Iterator[tuple[tuple[int, int], Batch]]:
-        """(position, batch) from `start` on: skip batches already taken, stop epochs at steps_per_epoch."""
-        epoch, skip = start.epoch, start.batches_in_epoch
-        while True:
-            with contextlib.closing(self._batches(epoch)) as batches:
+    def _produce_from(self, start: LoaderState) -> Iterator[tuple[LoaderState, Batch]]:
+        """(position after the batch, batch) from `start` on."""
+        if not self.train:
+            with contextlib.closing(self._eval_batches()) as batches:
                 for i, batch in enumerate(batches):
-                    if self.train and i >= self.steps_per_epoch:
-                        break
-                    if i >= skip:
-                        yield (epoch, i), batch
-            if not self.train:
-                return
-            epoch, skip = epoch + 1, 0
+                    yield LoaderState(0, 0, i + 1), batch
+            return
+        c, per_step, m = self.virtual_shards, self.rows_per_step, self.batch_size
+        epoch, rows, micro = start.epoch, start.rows, start.micro
+        while True:
+            streams = [
+                _Rows(self._rows(epoch, v, c), self.columns, f"{self.where} virtual shard {v}")
+                for v in range(self.rank, c, self.world_size)
+            ]
+            try:
+                for stream in streams:
+                    stream.skip(rows)  # the samples consumed before the checkpoint
+                for step in range(rows // per_step, self.optimizer_steps_per_epoch):
+                    parts = [stream.take(per_step) for stream in streams]
+                    merged = {k: np.concatenate([p[k] for p in parts]) for k in self.columns}
+                    for i in range(micro, self.accumulation):
+                        last = i == self.accumulation - 1
+                        position = LoaderState(epoch, (step + 1 if last else step) * per_step, 0 if last else i + 1)
+                        yield position, collate({k: v[i * m : (i + 1) * m] for k, v in merged.items()}, self.columns)
+                    micro = 0
+            finally:
+                for stream in streams:
+                    stream.close()
+            epoch, rows, micro = epoch + 1, 0, 0
 
 
 _END = object()
@@ -314,10 +462,10 @@ class Batches:
         if isinstance(item, _Failure):
             self.close()
             raise item.error
-        (epoch, index), batch = item
+        position, batch = item
         # Advance before handing the batch out: a checkpoint taken after training on it must resume
         # after it.
-        self.loader.state = LoaderState(epoch=epoch, batches_in_epoch=index + 1)
+        self.loader.state = position
         return batch
 
     def close(self) -> None:

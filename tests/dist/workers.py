@@ -288,3 +288,26 @@ def ranking_inputs(rank: int, n: int, num_items: int, dim: int):
     history = torch.randint(0, num_items, (n, 7), generator=gen)
     history[:, 0] = targets  # the target in its own history stays a candidate
     return query, targets, history
+
+
+def resumed_weights_worker(cfg_sets: dict[str, Any]) -> dict[str, Any]:
+    """Build the trainer and resume (possibly on another world size); return what it loaded."""
+    from seqrec.train import Trainer
+
+    trainer = Trainer(tiny_config(**cfg_sets))
+    trainer.resume()
+    out = {"step": trainer.step, "loader": trainer.loader.state_dict(), "dense": full_params(trainer.engine.module, 0)}
+    out["tables"] = local_table_shards(trainer.engine.tables) if trainer.engine.tables is not None else {}
+    trainer.tracker.close()
+    return out
+
+
+def failing_train_worker(cfg_sets: dict[str, Any]) -> str:
+    """Run `seqrec train` and return the message of the error it stops with."""
+    from seqrec.train import train
+
+    try:
+        train(tiny_config(**cfg_sets))
+    except Exception as e:  # the test asserts on the message
+        return f"{type(e).__name__}: {e}"
+    return "no error"

@@ -40,16 +40,63 @@ def test_eval_pass_is_disjoint_and_covering(manifest, world):
 
 
 def test_train_steps_equal_across_ranks_and_epochs_cover(manifest):
-    world, bs = 2, 5
+    world, bs = 2, 4
     loaders = [ShardLoader(manifest, "train", dp_rank=r, dp_world_size=world, batch_size=bs, seed=3) for r in range(world)]
     steps = {ld.steps_per_epoch for ld in loaders}
     assert len(steps) == 1
     (spe,) = steps
-    assert spe == min(loaders[0].rank_rows) // bs
+    (c,) = {ld.virtual_shards for ld in loaders}
+    assert c == 8  # 15 row groups, world 2, global batch 8
+    sizes = loaders[0].group_sizes
+    assert spe == min(sum(sizes[v::c]) for v in range(c)) // (world * bs // c)
+    keys = []
     for ld in loaders:
-        keys = [_key(b, i) for b in itertools.islice(iter(ld), spe) for i in range(bs)]
-        assert len(set(keys)) == spe * bs  # no repeats inside an epoch
-        assert ld.state_dict() == {"epoch": 0, "batches_in_epoch": spe}
+        keys += [_key(b, i) for b in itertools.islice(iter(ld), spe) for i in range(bs)]
+        state = ld.state_dict()
+        assert (state["epoch"], state["rows"], state["micro"]) == (0, spe * world * bs // c, 0)
+    assert len(set(keys)) == len(keys) == spe * bs * world  # no repeats inside an epoch, across ranks either
+
+
+def _steps(manifest, world, micro, global_batch, steps, state=None, seed=5):
+    """{step: Counter of row keys} over all ranks, and the state after `steps` optimizer steps."""
+    out: dict[int, Counter] = {}
+    final = None
+    for rank in range(world):
+        ld = ShardLoader(manifest, "train", dp_rank=rank, dp_world_size=world, batch_size=micro, seed=seed,
+                         global_batch_size=global_batch)
+        if state is not None:
+            ld.load_state_dict(state)
+        first = ld.state.rows // (global_batch // ld.virtual_shards)
+        with iter(ld) as batches:
+            for s in range(steps * ld.accumulation):
+                batch = next(batches)
+                step = first + s // ld.accumulation
+                out.setdefault(step, Counter()).update(_key(batch, i) for i in range(micro))
+        final = ld.state_dict()
+    return out, final
+
+
+@pytest.mark.parametrize("worlds", [(2, 1), (2, 4), (1, 2), (4, 2)])
+def test_each_step_takes_the_same_samples_on_any_world_size(manifest, worlds):
+    """The step -> samples map is world-size free, so a resume on other ranks neither repeats nor skips."""
+    global_batch = 8
+    micro = {1: 4, 2: 4, 4: 2}  # world 1 accumulates 2 micro batches
+    reference, _ = _steps(manifest, 2, 4, global_batch, 5)
+    first, state = _steps(manifest, worlds[0], micro[worlds[0]], global_batch, 2)
+    second, _ = _steps(manifest, worlds[1], micro[worlds[1]], global_batch, 3, state=state)
+    assert {**first, **second} == reference
+    assert sum(sum(c.values()) for c in reference.values()) == 5 * global_batch
+
+
+def test_resume_on_a_world_size_that_does_not_divide_the_virtual_shards_is_refused(manifest):
+    ld = ShardLoader(manifest, "train", dp_rank=0, dp_world_size=2, batch_size=4, seed=5)
+    state = ld.state_dict()
+    other = ShardLoader(manifest, "train", dp_rank=0, dp_world_size=3, batch_size=4, seed=5, global_batch_size=24)
+    with pytest.raises(SchemaError, match="global batches of 8 rows, this run with 24"):
+        other.load_state_dict(state)
+    state = {**state, "virtual_shards": 8, "global_batch": 24}
+    with pytest.raises(SchemaError, match="world size 3 does not divide the 8 virtual shards.*\\[1, 2, 4, 8\\]"):
+        other.load_state_dict(state)
 
 
 def test_order_is_deterministic_and_differs_between_epochs(manifest):
@@ -107,7 +154,8 @@ def test_close_joins_the_prefetch_thread_and_drops_its_batches(manifest):
     assert live_threads() == []
     assert batches.pf.queue.empty()
     assert list(batches) == []  # a closed iterator is exhausted
-    assert ld.state_dict() == {"epoch": 0, "batches_in_epoch": 1}
+    state = ld.state_dict()
+    assert (state["epoch"], state["rows"], state["micro"]) == (0, 2 // ld.virtual_shards, 0)
 
 
 def test_one_pass_iterator_closes_itself_at_the_end(manifest):
@@ -131,11 +179,11 @@ def test_abandoned_iterator_stops_its_thread(manifest):
 def test_reader_errors_reach_the_consumer(manifest, monkeypatch):
     ld = ShardLoader(manifest, "train", dp_rank=0, dp_world_size=1, batch_size=2, seed=1)
 
-    def broken(epoch):
+    def broken(epoch, shard, shard_count):
         raise OSError("shard vanished")
         yield  # pragma: no cover
 
-    monkeypatch.setattr(ld, "_batches", broken)
+    monkeypatch.setattr(ld, "_rows", broken)
     close_all()
     with pytest.raises(OSError, match="shard vanished"):
         next(iter(ld))
