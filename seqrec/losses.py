@@ -103,6 +103,7 @@ class FullSoftmaxLoss(nn.Module):
     """Cross-entropy over every item (pad and unknown columns masked)."""
 
     needs_label_rows = False
+    all_items = True  # the candidates are the whole table, in id order
 
     def __init__(self, cfg: LossConfig, item_counts: Tensor) -> None:
         super().__init__()

@@ -245,7 +245,8 @@ class SeqRecModel(nn.Module):
             labels_T = item_BW[:, 1:][counted_labels(item_BW)].long()
             if self.loss.needs_label_rows:
                 ids[ITEM_LABEL] = labels_T
-            ids[ITEM_CANDIDATE] = self.loss.candidate_ids(labels_T)
+            if not self._item_rows_in_place():
+                ids[ITEM_CANDIDATE] = self.loss.candidate_ids(labels_T)
         return ids
 
     def train_loss(self, batch: dict[str, Tensor], ids: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -254,7 +255,13 @@ class SeqRecModel(nn.Module):
         query_TE = self.out_proj(self.encode(batch, rows)[counted_BL])
         labels_T = batch[ITEM][:, 1:][counted_BL].long()
         label_TE = self._dense(rows[ITEM_LABEL]) if self.loss.needs_label_rows else None
-        loss = self.loss(query_TE, labels_T, label_TE, ids[ITEM_CANDIDATE], self._dense(rows[ITEM_CANDIDATE]))
+        if self._item_rows_in_place():
+            # Every item is a candidate: the item rows of the model's own table, read in place (a
+            # view, whose gradient is a slice of the table's), not looked up id by id.
+            candidates, cand_VE = torch.arange(self.num_items, device=labels_T.device), self.embeddings.weight[: self.num_items]
+        else:
+            candidates, cand_VE = ids[ITEM_CANDIDATE], rows[ITEM_CANDIDATE]
+        loss = self.loss(query_TE, labels_T, label_TE, candidates, self._dense(cand_VE))
         return {"loss": loss, "num_tokens": counted_BL.sum()}
 
     def query(self, batch: dict[str, Tensor], ids: dict[str, Tensor], rows: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -286,6 +293,9 @@ class SeqRecModel(nn.Module):
         scale = self.feature_scale
         emb_BLE = sum(self._dense(rows[name]) * scale[i] for name, i in self._scale_index.items())
         return emb_BLE * valid_BL.unsqueeze(-1).to(emb_BLE.dtype)
+
+    def _item_rows_in_place(self) -> bool:
+        return self.embeddings is not None and getattr(self.loss, "all_items", False)
 
     def _dense(self, rows: Tensor) -> Tensor:
         # Rows from a table outside the model arrive in fp32; the dense tower may run in bf16.
