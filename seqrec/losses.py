@@ -36,6 +36,12 @@ def _mean(losses_N: Tensor) -> Tensor:
     return losses_N.sum() / max(losses_N.numel(), 1)
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature; at temperature 1 the division (a full pass over [N, V] logits, 11% of
+    an ML-1M step in benchmarks/results/profile_step_before.json) is skipped: x / 1.0 == x exactly."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def _popularity_q(item_counts_V: Tensor, alpha: float) -> Tensor:
     """q(item) proportional to count^alpha over real items, 0 for pad/unk (float64).
 
@@ -120,7 +126,7 @@ class FullSoftmaxLoss(nn.Module):
     def forward(
         self, query_ND: Tensor, labels_N: Tensor, label_ND: Tensor | None, candidates_V: Tensor, cand_VD: Tensor
     ) -> Tensor:
-        logits_NV = (query_ND @ cand_VD.T).float() / self.temperature
+        logits_NV = _scaled((query_ND @ cand_VD.T).float(), self.temperature)
         logits_NV[:, :NUM_RESERVED_IDS] = -float("inf")
         return _mean(F.cross_entropy(logits_NV, labels_N, reduction="none"))
 
@@ -165,8 +171,8 @@ class SampledSoftmaxLoss(_CountsLoss):
         self, query_ND: Tensor, labels_N: Tensor, label_ND: Tensor | None, negatives_M: Tensor, neg_MD: Tensor
     ) -> Tensor:
         assert label_ND is not None, "the sampled softmax needs the label rows"
-        pos_N = (query_ND * label_ND).sum(-1).float() / self.temperature
-        neg_NM = (query_ND @ neg_MD.T).float() / self.temperature
+        pos_N = _scaled((query_ND * label_ND).sum(-1).float(), self.temperature)
+        neg_NM = _scaled((query_ND @ neg_MD.T).float(), self.temperature)
         if self.logq_correction:
             M = len(negatives_M)
             pos_N = pos_N - (self.q_at(labels_N, self.sampler, self.alpha) * M).log().float()
@@ -196,7 +202,7 @@ class InBatchSoftmaxLoss(_CountsLoss):
         self, query_ND: Tensor, labels_N: Tensor, label_ND: Tensor | None, candidates_C: Tensor, cand_CD: Tensor
     ) -> Tensor:
         target_N = torch.searchsorted(candidates_C, labels_N)
-        logits_NC = (query_ND @ cand_CD.T).float() / self.temperature
+        logits_NC = _scaled((query_ND @ cand_CD.T).float(), self.temperature)
         if self.logq_correction:
             p_C = self.q_at(candidates_C, "popularity", 1.0)
             # log(1 - (1 - p)^N), computed stably for tiny p.

@@ -47,13 +47,14 @@ def popularity_q(counts: torch.Tensor, alpha: float) -> list[float]:
     return [x / sum(w) for x in w]
 
 
-def test_full_matches_reference(data: tuple) -> None:
+@pytest.mark.parametrize("temperature", [0.5, 1.0])  # 1.0 skips the division
+def test_full_matches_reference(data: tuple, temperature: float) -> None:
     query, labels, weight, counts = data
-    loss = build_loss(LossConfig(kind="full", temperature=0.5), counts)
+    loss = build_loss(LossConfig(kind="full", temperature=temperature), counts)
     assert isinstance(loss, FullSoftmaxLoss)
     want = 0.0
     for n in range(N):
-        logits = [dot(query[n], weight[v]) / 0.5 for v in range(2, V)]
+        logits = [dot(query[n], weight[v]) / temperature for v in range(2, V)]
         pos = logits[int(labels[n]) - 2]
         want += softmax_nll(pos, logits[: int(labels[n]) - 2] + logits[int(labels[n]) - 1 :])
     assert float(call(loss, query, labels, weight)) == pytest.approx(want / N, rel=1e-5)
