@@ -35,7 +35,7 @@ def _count_at_least(scores_BN: Tensor, target_score_B1: Tensor) -> Tensor:
     return count_B
 
 
-def _unique_history(history_BL: Tensor, targets_B: Tensor) -> tuple[Tensor, Tensor]:
+def unique_history(history_BL: Tensor, targets_B: Tensor) -> tuple[Tensor, Tensor]:
     """Sorted history and a mask of its entries that are real, not the target, and first copies."""
     sorted_BL, _ = history_BL.sort(dim=1)
     first_BL = torch.ones_like(sorted_BL, dtype=torch.bool)
@@ -67,7 +67,7 @@ def target_ranks(scores_BN: Tensor, targets_B: Tensor, history_BL: Tensor | None
     ranks_B = _count_at_least(scores_BN, target_score_B1) - 1
     num_candidates_B = torch.full_like(ranks_B, scores_BN.shape[1] - NUM_RESERVED_IDS - 1)
     if history_BL is not None:
-        items_BL, keep_BL = _unique_history(history_BL.long(), targets_B)
+        items_BL, keep_BL = unique_history(history_BL.long(), targets_B)
         above_BL = scores_BN.gather(1, items_BL) >= target_score_B1
         ranks_B -= (keep_BL & above_BL).sum(1)
         num_candidates_B -= keep_BL.sum(1)

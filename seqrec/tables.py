@@ -46,6 +46,7 @@ from seqrec.config import ConfigError, EmbeddingsConfig
 from seqrec.data.schema import NUM_RESERVED_IDS, SchemaError
 from seqrec.distributed import gather_rows, row_offset
 from seqrec.embeddings import TableSpec, check_ids, feature_tables, pool
+from seqrec.metrics import unique_history
 
 log = logging.getLogger(__name__)
 # TorchRec's jagged tensors ask torch.fx whether they are traced on every call; torch warns once per
@@ -400,19 +401,10 @@ def sharded_target_ranks(
         dist.all_reduce(count_G)
     num_candidates_G = torch.full_like(count_G, num_items - NUM_RESERVED_IDS - 1)
     if h_GL is not None:
-        num_candidates_G -= _unique_history_count(h_GL, t_G)
+        num_candidates_G -= unique_history(h_GL, t_G)[1].sum(1)  # distinct real history items, not the target
     ranks_G = torch.where(target_score_G.isnan(), num_candidates_G, count_G)
     start = row_offset(B, multi, q_GE.device)
     return ranks_G[start : start + B].cpu()
-
-
-def _unique_history_count(h_GL: Tensor, t_G: Tensor) -> Tensor:
-    """Per row, distinct real history items other than the target."""
-    sorted_GL = h_GL.sort(dim=1).values
-    first_GL = torch.ones_like(sorted_GL, dtype=torch.bool)
-    first_GL[:, 1:] = sorted_GL[:, 1:] != sorted_GL[:, :-1]
-    keep_GL = first_GL & (sorted_GL >= NUM_RESERVED_IDS) & (sorted_GL != t_G.unsqueeze(1))
-    return keep_GL.sum(1)
 
 
 @contextlib.contextmanager

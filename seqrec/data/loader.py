@@ -54,21 +54,15 @@ def _quiet_petastorm() -> None:
     logging.getLogger("petastorm").setLevel(logging.WARNING)
 
 
-def row_groups_per_rank(manifest: Manifest, split: str, world_size: int) -> list[int]:
+def row_groups_per_rank(manifest: Manifest, split: str, world_size: int, sizes: list[int] | None = None) -> list[int]:
     """Rows each rank reads: row group g (global order) goes to rank g % world_size."""
-    rows = [0] * world_size
-    g = 0
-    for f in sorted(manifest.files(split), key=lambda f: manifest.path(f.path)):
-        meta = storage.parquet_file(manifest.path(f.path)).metadata
-        for i in range(meta.num_row_groups):
-            rows[g % world_size] += meta.row_group(i).num_rows
-            g += 1
-    if g < world_size:
+    sizes = row_group_sizes(manifest, split) if sizes is None else sizes
+    if len(sizes) < world_size:
         raise SchemaError(
-            f"{manifest.manifest_path}: split '{split}' has {g} row groups, fewer than the {world_size} ranks; "
+            f"{manifest.manifest_path}: split '{split}' has {len(sizes)} row groups, fewer than the {world_size} ranks; "
             f"re-run `seqrec prepare` with prepare.shards.max_world_size >= {world_size}"
         )
-    return rows
+    return [sum(sizes[r::world_size]) for r in range(world_size)]
 
 
 def collate(columns: dict[str, np.ndarray], names: list[str]) -> Batch:
@@ -207,7 +201,8 @@ class ShardLoader:
         self.shuffle, self.train = shuffle, train
         self.prefetch_batches = prefetch_batches
         self.where = f"{manifest.manifest_path} (split '{split}')"
-        self.rank_rows = row_groups_per_rank(manifest, split, dp_world_size)
+        self.group_sizes = row_group_sizes(manifest, split)  # one metadata pass per split
+        self.rank_rows = row_groups_per_rank(manifest, split, dp_world_size, self.group_sizes)
         if train:
             self.global_batch = global_batch_size or batch_size * dp_world_size
             if self.global_batch % (batch_size * dp_world_size):
@@ -216,7 +211,6 @@ class ShardLoader:
                     f"{dp_world_size} ranks"
                 )
             self.accumulation = self.global_batch // (batch_size * dp_world_size)
-            self.group_sizes = row_group_sizes(manifest, split)
             self._set_virtual_shards(
                 choose_virtual_shards(virtual_shards, len(self.group_sizes), dp_world_size, self.global_batch, self.where)
             )
