@@ -68,6 +68,31 @@ def hardware() -> dict[str, Any]:
     }
 
 
+def matmul_ceiling(dtype: str = "fp32", threads: int = 2, n: int = 2048, repeats: int = 7) -> float:
+    """This machine's matmul rate in GFLOP/s right now (median of `repeats` n x n products at
+    `threads` threads): the ceiling that useful FLOP/s are compared with, measured in the same run
+    because machines of one kind differ (AVX-512 with native bf16 on some, AVX2 only on others)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        a @ b  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+            if times[-1] > 5.0:  # an emulated dtype (bf16 without hardware support): one slow sample is enough
+                break
+        times.sort()
+        return 2 * n**3 / times[len(times) // 2] / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
 def write(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

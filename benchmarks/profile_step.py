@@ -22,9 +22,7 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, hardware, prepare, table, write  # noqa: E402
-
-CEILING_GFLOPS = {"fp32": 175.0, "bf16": 410.0}  # this CPU, 2 threads (DEPENDENCIES.md)
+from benchmarks.common import REPO, hardware, matmul_ceiling, prepare, table, write  # noqa: E402
 
 
 def useful_flops(cfg, batch, num_items: int) -> float:
@@ -46,6 +44,7 @@ def useful_flops(cfg, batch, num_items: int) -> float:
 
 
 def profile(cfg_path: str, precision: str, steps: int, warmup: int, threads: int, sets: list[str], top: int) -> dict:
+    ceiling = matmul_ceiling("bf16" if precision == "bf16" else "fp32", threads)
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -100,7 +99,7 @@ def profile(cfg_path: str, precision: str, steps: int, warmup: int, threads: int
     return {
         "precision": precision, "threads": threads, "step_s": step_s,
         "sequences_per_s": cfg.train.global_batch_size / step_s, "useful_gflops": gflops,
-        "pct_of_ceiling": 100 * gflops / CEILING_GFLOPS[precision], "ops": top_ops,
+        "ceiling_gflops": ceiling, "pct_of_ceiling": 100 * gflops / ceiling, "ops": top_ops,
     }
 
 
@@ -124,7 +123,7 @@ def main() -> None:
     rows = [profile(args.config, prec, args.steps, args.warmup, args.threads, args.sets, args.top) for prec in args.precisions]
     name = "profile_step" + (f"_{args.tag}" if args.tag else "")
     path = write(name, {"config": args.config, "sets": args.sets, "hardware": hardware(), "rows": rows})
-    print(table(rows, ["precision", "threads", "step_s", "sequences_per_s", "useful_gflops", "pct_of_ceiling"]))
+    print(table(rows, ["precision", "threads", "step_s", "sequences_per_s", "useful_gflops", "ceiling_gflops", "pct_of_ceiling"]))
     for r in rows:
         print(f"\n{r['precision']}: top ops by self CPU time")
         print(table(r["ops"], ["op", "self_ms", "pct", "calls"]))

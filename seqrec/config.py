@@ -300,6 +300,10 @@ class ModelConfig:
     """Feed-forward width as a multiple of d_model."""
     dropout: float = 0.1
     """Dropout on the summed embeddings and on the attention and feed-forward outputs."""
+    length_groups: int = 4
+    """Run each batch's rows through the transformer in up to this many groups of similar history
+    length, each trimmed to its longest history (left padding is not computed); 1 = the whole batch
+    at full width. The result is the same up to float rounding (positions are right-anchored)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -12,7 +12,7 @@ does not need it. `build_loss` picks one through the single dict `LOSSES` keyed 
 - sampled: the label rows plus `num_negatives` shared negatives: for large catalogues.
 - in_batch: the unique labels of the batch are the candidates.
 
-Logits are `query . item / temperature`, computed in float32. Ids 0 (pad) and 1 (unknown) are never
+Logits are `query . item / temperature`, computed in float32 (float64 inputs stay float64). Ids 0 (pad) and 1 (unknown) are never
 candidates. Sampled and in-batch logits subtract log(expected occurrences of the item among the
 negatives) from the positive AND the negative logits (logQ correction, Yi et al. 2019), which makes
 the sampled softmax a consistent estimate of the full one.
@@ -34,6 +34,11 @@ from seqrec.data.schema import NUM_RESERVED_IDS
 def _mean(losses_N: Tensor) -> Tensor:
     # An empty selection gives 0 (not NaN) and keeps the graph, so every rank can still backward.
     return losses_N.sum() / max(losses_N.numel(), 1)
+
+
+def _wide(x: Tensor) -> Tensor:
+    """x in float32, or in its own dtype when that is wider (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
@@ -105,8 +110,73 @@ class _CountsLoss(nn.Module):
         return torch.where(ids < NUM_RESERVED_IDS, 0.0, q)
 
 
+def _chunk_rows(num_candidates: int) -> int:
+    """Query rows per chunk of the fused linear + cross-entropy: about 2M logits (8 MB in fp32),
+    which stays in this class of CPU's L3 cache and keeps the matmuls large."""
+    return max(16, min(8192, (1 << 21) // max(1, num_candidates)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_n CE(query_n . cand / temperature, label_n) with the first `masked` columns at -inf.
+
+    The [N, C] logits are never held whole: chunk by chunk of query rows, the forward computes the
+    logits in the inputs' dtype, a softmax in float32 (or the inputs' dtype if wider), the loss, and right away the gradients
+    (softmax - one-hot) @ cand and its transpose @ query, which backward only scales. Measured on
+    ML-1M's full softmax (13.7k tokens x 3,416 items x 64): 2.5 to 3x faster than
+    `F.cross_entropy` over materialised logits, whose log-softmax backward was the slowest op of
+    the step (benchmarks/results/profile_step_*.json).
+    """
+
+    @staticmethod
+    def forward(ctx, query_ND: Tensor, cand_CD: Tensor, labels_N: Tensor, masked: int, temperature: float) -> Tensor:
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        acc = _wide(query_ND[:0]).dtype  # the softmax's dtype
+        grad_q_ND = torch.empty_like(query_ND) if need_grad else None
+        grad_c_CD = torch.zeros(cand_CD.shape, dtype=acc, device=cand_CD.device) if need_grad else None
+        total = torch.zeros((), dtype=acc, device=query_ND.device)
+        rows = _chunk_rows(cand_CD.shape[0])
+        for s in range(0, query_ND.shape[0], rows):
+            q_nD, lab_n = query_ND[s : s + rows], labels_N[s : s + rows]
+            z_nC = (q_nD @ cand_CD.T).to(acc)
+            if temperature != 1.0:
+                z_nC.div_(temperature)
+            z_nC[:, :masked] = -float("inf")
+            top_n1 = z_nC.amax(1, keepdim=True)
+            pos_n1 = z_nC.gather(1, lab_n[:, None])
+            z_nC.sub_(top_n1).exp_()  # from here on z holds exp(logit - max)
+            sum_n1 = z_nC.sum(1, keepdim=True)
+            total += (sum_n1.log() + top_n1 - pos_n1).sum()
+            if need_grad:
+                z_nC.div_(sum_n1)  # softmax
+                z_nC[torch.arange(len(lab_n), device=lab_n.device), lab_n] -= 1.0
+                if temperature != 1.0:
+                    z_nC.div_(temperature)
+                g_nC = z_nC.to(cand_CD.dtype)
+                torch.mm(g_nC, cand_CD, out=grad_q_ND[s : s + rows])
+                grad_c_CD.addmm_(g_nC.T.to(acc), q_nD.to(acc))
+        if need_grad:
+            ctx.save_for_backward(grad_q_ND, grad_c_CD.to(cand_CD.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        grad_q_ND, grad_c_CD = ctx.saved_tensors
+        return grad_q_ND * grad_total.to(grad_q_ND.dtype), grad_c_CD * grad_total.to(grad_c_CD.dtype), None, None, None
+
+
+def linear_cross_entropy(
+    query_ND: Tensor, cand_CD: Tensor, labels_N: Tensor, *, masked: int = 0, temperature: float = 1.0
+) -> Tensor:
+    """Mean cross-entropy of `labels_N` (column ids of `cand_CD`) under logits query . cand / temperature,
+    the first `masked` columns excluded, computed chunk by chunk (`_LinearCrossEntropy`); 0 for N == 0,
+    still attached to the graph. Equal to `F.cross_entropy(query @ cand.T / temperature, labels)`."""
+    total = _LinearCrossEntropy.apply(query_ND, cand_CD, labels_N, masked, float(temperature))
+    return total / max(query_ND.shape[0], 1)
+
+
 class FullSoftmaxLoss(nn.Module):
-    """Cross-entropy over every item (pad and unknown columns masked)."""
+    """Cross-entropy over every item (pad and unknown columns masked), through the chunked fused
+    linear + cross-entropy: no [N, V] logits are ever held whole."""
 
     needs_label_rows = False
     all_items = True  # the candidates are the whole table, in id order
@@ -126,9 +196,9 @@ class FullSoftmaxLoss(nn.Module):
     def forward(
         self, query_ND: Tensor, labels_N: Tensor, label_ND: Tensor | None, candidates_V: Tensor, cand_VD: Tensor
     ) -> Tensor:
-        logits_NV = _scaled((query_ND @ cand_VD.T).float(), self.temperature)
-        logits_NV[:, :NUM_RESERVED_IDS] = -float("inf")
-        return _mean(F.cross_entropy(logits_NV, labels_N, reduction="none"))
+        return linear_cross_entropy(
+            query_ND, cand_VD, labels_N, masked=NUM_RESERVED_IDS, temperature=self.temperature
+        )
 
 
 class SampledSoftmaxLoss(_CountsLoss):
@@ -171,8 +241,8 @@ class SampledSoftmaxLoss(_CountsLoss):
         self, query_ND: Tensor, labels_N: Tensor, label_ND: Tensor | None, negatives_M: Tensor, neg_MD: Tensor
     ) -> Tensor:
         assert label_ND is not None, "the sampled softmax needs the label rows"
-        pos_N = _scaled((query_ND * label_ND).sum(-1).float(), self.temperature)
-        neg_NM = _scaled((query_ND @ neg_MD.T).float(), self.temperature)
+        pos_N = _scaled(_wide((query_ND * label_ND).sum(-1)), self.temperature)
+        neg_NM = _scaled(_wide(query_ND @ neg_MD.T), self.temperature)
         if self.logq_correction:
             M = len(negatives_M)
             pos_N = pos_N - (self.q_at(labels_N, self.sampler, self.alpha) * M).log().float()
@@ -202,7 +272,7 @@ class InBatchSoftmaxLoss(_CountsLoss):
         self, query_ND: Tensor, labels_N: Tensor, label_ND: Tensor | None, candidates_C: Tensor, cand_CD: Tensor
     ) -> Tensor:
         target_N = torch.searchsorted(candidates_C, labels_N)
-        logits_NC = _scaled((query_ND @ cand_CD.T).float(), self.temperature)
+        logits_NC = _scaled(_wide(query_ND @ cand_CD.T), self.temperature)
         if self.logq_correction:
             p_C = self.q_at(candidates_C, "popularity", 1.0)
             # log(1 - (1 - p)^N), computed stably for tiny p.

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from seqrec.config import LossConfig
-from seqrec.losses import LOSSES, FullSoftmaxLoss, InBatchSoftmaxLoss, SampledSoftmaxLoss, build_loss
+from seqrec import losses
+from seqrec.losses import LOSSES, FullSoftmaxLoss, InBatchSoftmaxLoss, SampledSoftmaxLoss, build_loss, linear_cross_entropy
 
 pytestmark = pytest.mark.unit
 
@@ -142,6 +143,47 @@ def test_gradients_flow_and_empty_batches_give_zero(kind: str, data: tuple) -> N
     assert torch.all(weight.grad[:2] == 0)  # pad and unknown are never candidates
     empty = call(loss_fn, query[:0], labels[:0], weight)
     assert float(empty.detach()) == 0.0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 16, 1000])  # several chunks, a ragged last one, one chunk
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_linear_cross_entropy_equals_materialised_logits(
+    monkeypatch: pytest.MonkeyPatch, rows_per_chunk: int, temperature: float, dtype: torch.dtype
+) -> None:
+    monkeypatch.setattr(losses, "_chunk_rows", lambda num_candidates: rows_per_chunk)
+    gen = torch.Generator().manual_seed(1)
+    n, c, d = 37, 23, 6
+    query = (3 * torch.randn(n, d, generator=gen, dtype=dtype)).requires_grad_()
+    cand = torch.randn(c, d, generator=gen, dtype=dtype).requires_grad_()
+    labels = torch.randint(2, c, (n,), generator=gen)
+    upstream = 1.7  # the backward scales by whatever multiplies the loss later
+    (upstream * linear_cross_entropy(query, cand, labels, masked=2, temperature=temperature)).backward()
+    got = (query.grad.clone(), cand.grad.clone())
+    query.grad, cand.grad = None, None
+    logits = query @ cand.T / temperature
+    logits = torch.cat([torch.full_like(logits[:, :2], -float("inf")), logits[:, 2:]], dim=1)
+    want_loss = torch.nn.functional.cross_entropy(logits, labels)
+    (upstream * want_loss).backward()
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+    # float32 softmax inside: the loss itself is float32 whatever the input dtype.
+    torch.testing.assert_close(
+        linear_cross_entropy(query, cand, labels, masked=2, temperature=temperature).double(),
+        want_loss.double(), rtol=1e-6, atol=1e-6,
+    )
+    torch.testing.assert_close(got[0], query.grad, **tol)
+    torch.testing.assert_close(got[1], cand.grad, **tol)
+    assert torch.all(got[1][:2] == 0)
+
+
+def test_linear_cross_entropy_without_grad_computes_no_gradients() -> None:
+    query, cand, labels = torch.randn(5, 4), torch.randn(9, 4), torch.randint(2, 9, (5,))
+    with torch.no_grad():
+        loss = linear_cross_entropy(query, cand, labels, masked=2)
+    want = torch.nn.functional.cross_entropy(
+        torch.cat([torch.full((5, 2), -float("inf")), (query @ cand.T)[:, 2:]], dim=1), labels
+    )
+    torch.testing.assert_close(loss, want)
 
 
 def test_losses_cover_every_config_choice() -> None:

@@ -17,7 +17,7 @@ from seqrec.config import EmbeddingsConfig, LossConfig, ModelConfig
 from seqrec.data.schema import SchemaError, read_manifest
 from seqrec.data.spec import DataSpec
 from seqrec.metrics import ranking_sums, target_ranks
-from seqrec.model import SeqRecModel, time_gap_ids
+from seqrec.model import Dropout, SeqRecModel, length_groups, time_gap_ids
 
 pytestmark = pytest.mark.unit
 
@@ -49,12 +49,12 @@ def tiny_spec(max_len: int = MAX_LEN, num_items: int = V) -> DataSpec:
 
 
 def tiny_model(
-    spec: DataSpec | None = None, *, dim: int = 16, loss: str = "full", **emb_flags: bool
+    spec: DataSpec | None = None, *, dim: int = 16, loss: str = "full", groups: int = 4, **emb_flags: bool
 ) -> SeqRecModel:
     torch.manual_seed(0)
     model = SeqRecModel(
         spec or tiny_spec(),
-        ModelConfig(d_model=16, num_layers=2, num_heads=2, dropout=0.0),
+        ModelConfig(d_model=16, num_layers=2, num_heads=2, dropout=0.0, length_groups=groups),
         EmbeddingsConfig(dim=dim, num_time_buckets=8, **emb_flags),
         LossConfig(kind=loss, num_negatives=8),
     )
@@ -137,6 +137,53 @@ def test_more_left_padding_and_other_rows_do_not_change_scores() -> None:
     torch.testing.assert_close(model(wide, task="score")["scores"], want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(mixed, task="score")["scores"][:2], want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(wide)["loss"], model(short)["loss"], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(1, MAX_LEN), min_size=1, max_size=9), st.integers(1, 5), st.sampled_from(["full", "sampled"]))
+def test_length_groups_equal_one_full_width_pass(lengths: list[int], groups: int, loss: str) -> None:
+    batch = make_batch(lengths, seed=len(lengths))
+    outs = []
+    for model in (tiny_model(loss=loss, groups=1), tiny_model(loss=loss, groups=groups)):
+        torch.manual_seed(1)  # the sampled loss draws the same negatives
+        out = model.train()(batch)
+        out["loss"].backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        outs.append((out["loss"], out["num_tokens"], model.eval()(batch, task="score")["scores"], grads))
+    (loss_a, tokens_a, scores_a, grads_a), (loss_b, tokens_b, scores_b, grads_b) = outs
+    assert int(tokens_a) == int(tokens_b)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores_b, scores_a, rtol=1e-5, atol=1e-5)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_length_groups_sort_rows_by_span_and_merge_equal_widths() -> None:
+    valid = make_batch([3, 9, 1, 9, 5, 2, 9])["item"][:, :-1] != 0  # spans 2, 8, 0, 8, 4, 1, 8 (width 8)
+    groups = length_groups(valid, 3)
+    assert [(rows.tolist(), width) for rows, width in groups] == [([2, 5, 0], 2), ([4, 1, 3, 6], 8)]
+    assert length_groups(valid, 1) is None
+    assert length_groups(make_batch([9, 9])["item"][:, :-1] != 0, 4) is None  # nothing to trim
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_drops_at_rate_p_scales_exactly_and_follows_the_seed(p: float) -> None:
+    drop = Dropout(p)
+    x = (torch.rand(64, 1001) + 0.5).requires_grad_()  # an odd element count: draws are carved in fours
+    torch.manual_seed(3)
+    y = drop(x)
+    kept = y != 0
+    keep = 1 - round(p * 65536) / 65536
+    n = x.numel()
+    assert abs(float(kept.float().mean()) - keep) < 5 * (keep * (1 - keep) / n) ** 0.5  # 5 sigma
+    torch.testing.assert_close(y[kept], x[kept] / keep)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / keep)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)  # the default generator: seeded runs and resumed RNG states repeat it
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    with pytest.raises(ValueError, match="model.dropout"):
+        Dropout(1.0)
 
 
 def test_padded_positions_do_not_leak() -> None:
