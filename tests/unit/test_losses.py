@@ -8,9 +8,16 @@ import typing
 import pytest
 import torch
 
-from seqrec.config import LossConfig
 from seqrec import losses
-from seqrec.losses import LOSSES, FullSoftmaxLoss, InBatchSoftmaxLoss, SampledSoftmaxLoss, build_loss, linear_cross_entropy
+from seqrec.config import LossConfig
+from seqrec.losses import (
+    LOSSES,
+    FullSoftmaxLoss,
+    InBatchSoftmaxLoss,
+    SampledSoftmaxLoss,
+    build_loss,
+    linear_cross_entropy,
+)
 
 pytestmark = pytest.mark.unit
 
