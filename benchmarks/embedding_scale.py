@@ -43,6 +43,7 @@ def _sets(args: argparse.Namespace, backend: str) -> list[str]:
         f"model.d_model={args.dim}",
         "model.num_layers=2",
         "model.num_heads=2",
+        "model.dropout=0.1",
         "loss.kind='sampled'",
         f"loss.num_negatives={args.negatives}",
         f"train.micro_batch_size={micro}",
@@ -61,6 +62,7 @@ def worker(args: argparse.Namespace) -> None:
     from seqrec.data.spec import DataSpec
     from seqrec.engine import build_engine, init_distributed
     from seqrec.model import SeqRecModel
+    from seqrec.optim import build_optimizer
 
     cfg = load_config(None, _sets(args, args.backend))
     info = init_distributed(cfg.dist)
@@ -71,7 +73,8 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model = SeqRecModel(spec, cfg.model, cfg.embeddings, cfg.loss)
     model.init_weights()
-    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, embeddings=cfg.embeddings)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, embeddings=cfg.embeddings, optimizer=optimizer, scheduler=scheduler)
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1 + info.rank)
     micro = cfg.train.micro_batch_size

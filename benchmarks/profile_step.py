@@ -49,24 +49,28 @@ def profile(cfg_path: str, precision: str, steps: int, warmup: int, threads: int
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    from seqrec import recipe
     from seqrec.config import load_config
     from seqrec.data.loader import ShardLoader
     from seqrec.data.schema import read_manifest
     from seqrec.data.spec import DataSpec
     from seqrec.engine import build_engine, init_distributed
     from seqrec.model import SeqRecModel
+    from seqrec.optim import build_optimizer
 
     torch.set_num_threads(threads)
     cfg = load_config(REPO / cfg_path, [f"train.precision='{precision}'", "tracking.wandb='disabled'", *sets])
-    # One process does the whole global batch (no accumulation): the per-op profile of one step.
-    cfg.train.micro_batch_size = cfg.train.global_batch_size
     info = init_distributed(cfg.dist)
     manifest = read_manifest(REPO / cfg.data.path)
+    recipe.resolve(cfg, manifest, world_size=1)  # the run's derived batch, length and dropout
+    # One process does the whole global batch (no accumulation): the per-op profile of one step.
+    cfg.train.micro_batch_size = cfg.train.global_batch_size
     spec = DataSpec.from_manifest(manifest)
     torch.manual_seed(0)
     model = SeqRecModel(spec, cfg.model, cfg.embeddings, cfg.loss)
     model.init_weights()
-    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, embeddings=cfg.embeddings)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, embeddings=cfg.embeddings, optimizer=optimizer, scheduler=scheduler)
     loader = ShardLoader(manifest, "train", dp_rank=0, dp_world_size=1, batch_size=cfg.train.micro_batch_size, seed=0,
                          global_batch_size=cfg.train.global_batch_size)
 

@@ -298,12 +298,14 @@ class ModelConfig:
     """Attention heads."""
     ffn_mult: int = 4
     """Feed-forward width as a multiple of d_model."""
-    dropout: float = 0.1
-    """Dropout on the summed embeddings and on the attention and feed-forward outputs."""
+    dropout: float | None = None
+    """Dropout on the summed embeddings and on the attention and feed-forward outputs. Unset: derived
+    from the mean training history length (seqrec/recipe.py: 0.5 for sparse logs, 0.2 for dense)."""
     length_groups: int = 4
     """Run each batch's rows through the transformer in up to this many groups of similar history
     length, each trimmed to its longest history (left padding is not computed); 1 = the whole batch
-    at full width. The result is the same up to float rounding (positions are right-anchored)."""
+    at full width. The result is the same up to float rounding (positions are right-anchored).
+    ZeRO-3 runs at full width (its per-call parameter gathers need the same calls on every rank)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -354,22 +356,27 @@ class OptimConfig:
 class TrainConfig:
     """The training loop."""
 
-    micro_batch_size: int = 64
-    """Sequences per rank per forward/backward."""
-    global_batch_size: int = 128
-    """Sequences per optimizer step over all ranks (= micro x grad accumulation x world)."""
-    max_steps: int = 1000
-    """Optimizer steps (the run's length; epochs follow from the data)."""
+    micro_batch_size: int = 0
+    """Sequences per rank per forward/backward (0: global batch / ranks, at most 256; the rest is
+    gradient accumulation)."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all ranks (= micro x grad accumulation x world). 0: derived
+    from the number of training rows (seqrec/recipe.py; 128 up to 128k rows)."""
+    max_steps: int = 0
+    """Optimizer steps, the run's length (0: train.epochs x steps per epoch)."""
+    epochs: float = 0.0
+    """Passes over the training rows when max_steps is 0 (0: derived, about 4,000 steps within 1 to
+    200 epochs; validation-based early stopping may end the run sooner)."""
     precision: Literal["fp32", "bf16", "auto"] = "auto"
     """bf16 where the hardware has it (auto: bf16 on CUDA with bf16 support, else fp32)."""
     log_every: int = 10
     """Log train metrics every N steps (also where non-finite losses are detected)."""
-    eval_every: int = 200
-    """Validate every N steps (and on the last step)."""
-    save_every: int = 200
-    """Checkpoint every N steps (and on the last step)."""
-    early_stopping_patience: int = 0
-    """Stop after this many validations without improvement (0: never)."""
+    eval_every: int = 0
+    """Validate every N steps (and on the last step); 0: about 25 validations per run."""
+    save_every: int = 0
+    """Checkpoint every N steps (and on the last step); 0: with every validation."""
+    early_stopping_patience: int | None = None
+    """Stop after this many validations without improvement (0: never; unset: 5)."""
     seed: int = 0
     """Seed for weights, dropout and data order."""
     progress: Literal["auto", "bar", "lines"] = "auto"
@@ -488,12 +495,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         "model.d_model": cfg.model.d_model,
         "model.num_layers": cfg.model.num_layers,
         "model.num_heads": cfg.model.num_heads,
-        "train.micro_batch_size": cfg.train.micro_batch_size,
-        "train.global_batch_size": cfg.train.global_batch_size,
-        "train.max_steps": cfg.train.max_steps,
         "train.log_every": cfg.train.log_every,
-        "train.eval_every": cfg.train.eval_every,
-        "train.save_every": cfg.train.save_every,
         "eval.batch_size": cfg.eval.batch_size,
         "checkpoint.keep_last_k": cfg.checkpoint.keep_last_k,
     }
@@ -505,9 +507,22 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"model.d_model ({cfg.model.d_model}) must be divisible by model.num_heads ({cfg.model.num_heads})")
     if cfg.dist.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"dist.zero_stage must be 0, 1, 2 or 3, got {cfg.dist.zero_stage}")
-    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+    derived = {  # 0 = derived from the data (seqrec/recipe.py)
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.max_steps": cfg.train.max_steps,
+        "train.epochs": cfg.train.epochs,
+        "train.eval_every": cfg.train.eval_every,
+        "train.save_every": cfg.train.save_every,
+        "train.early_stopping_patience": cfg.train.early_stopping_patience or 0,
+    }
+    for key, value in derived.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: derived from the data), got {value}")
+    micro, total = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    if micro and total and total % micro:
         raise ConfigError("train.global_batch_size must be a multiple of train.micro_batch_size")
-    if not 0.0 <= cfg.model.dropout < 1.0:
+    if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError("model.dropout must be in [0, 1)")
     if cfg.loss.kind == "sampled" and cfg.loss.num_negatives <= 0:
         raise ConfigError("loss.num_negatives must be > 0 for loss.kind = 'sampled'")

@@ -8,8 +8,8 @@ Model code never imports this module or deepspeed.
 from __future__ import annotations
 
 import logging
-import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,31 +108,25 @@ def build_ds_config(train: TrainConfig, optim: OptimConfig, dist: DistConfig, wo
     }
 
 
-def lr_lambda(optim: OptimConfig, max_steps: int):
-    """Multiplier of the peak LR at optimizer step s: linear warmup, then cosine/linear/constant decay."""
-    warmup, floor = optim.warmup_steps, optim.min_lr_ratio
-
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if optim.decay == "constant" or max_steps <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.decay == "cosine" else 1 - progress
-        return floor + (1 - floor) * shape
-
-    return fn
-
-
 class Engine:
     """The DeepSpeed engine with the few verbs the trainer uses."""
 
-    def __init__(self, ds_engine: Any, info: DistInfo, precision: str, ds_config: dict, tables: Any = None) -> None:
+    def __init__(
+        self,
+        ds_engine: Any,
+        info: DistInfo,
+        precision: str,
+        ds_config: dict,
+        tables: Any = None,
+        table_lr: Callable[[int], float] | None = None,
+    ) -> None:
         self.ds = ds_engine
         self.info = info
         self.precision = precision
         self.ds_config = ds_config
         self.tables = tables  # seqrec.tables.ShardedTables, or None when the model owns its tables
+        self.table_lr = table_lr  # optimizer step -> the tables' learning rate (given with the tables)
+        self._set_table_lr()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -167,7 +161,19 @@ class Engine:
         self.ds.backward(loss)
 
     def step(self) -> None:
+        boundary = self.at_step_boundary
         self.ds.step()
+        if boundary:
+            self._set_table_lr()  # for the table updates of the next optimizer step
+
+    def _set_table_lr(self) -> None:
+        if self.tables is not None and self.table_lr is not None:
+            self.tables.set_lr(self.table_lr(self.optimizer_steps))
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken (restored by `load`)."""
+        return int(self.ds.global_steps)
 
     def train(self) -> None:
         self.ds.train()
@@ -207,27 +213,8 @@ class Engine:
             raise FileNotFoundError(f"{root}/{tag}: DeepSpeed could not load this checkpoint")
         if self.tables is not None:
             self.tables.load(root / tag / TABLES_DIR, with_optimizer=with_optimizer)
+            self._set_table_lr()
         return client or {}
-
-
-def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
-    """Embedding table, dense matrices (decayed) and norms/biases/scales (not decayed), each its own group."""
-    emb, dense, no_decay = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("embeddings.") and p.dim() == 2:
-            emb.append(p)
-        elif p.dim() >= 2:
-            dense.append(p)
-        else:
-            no_decay.append(p)
-    groups = [
-        {"params": emb, "lr": optim.embedding_lr, "weight_decay": optim.embedding_weight_decay, "name": "embedding"},
-        {"params": dense, "lr": optim.lr, "weight_decay": optim.weight_decay, "name": "dense"},
-        {"params": no_decay, "lr": optim.lr, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    return [g for g in groups if g["params"]]
 
 
 def build_engine(
@@ -237,14 +224,23 @@ def build_engine(
     train: TrainConfig,
     optim: OptimConfig,
     dist: DistConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
     embeddings: EmbeddingsConfig | None = None,
 ) -> Engine:
-    """Wrap `model` in a DeepSpeed engine with an AdamW client optimizer and the LR schedule.
+    """Wrap `model` in a DeepSpeed engine with the trainer's optimizer and LR schedule
+    (seqrec.optim.build_optimizer). Sharded tables follow the schedule's shape from their own peak
+    rate: `embeddings.table_lr x scheduler.lr_lambdas[0](step)`.
 
     A model whose id tables live outside it (`model.embeddings is None`: embeddings.backend =
     "torchrec") gets them here, as sharded TorchRec tables (seqrec.tables) fed to its forward.
     """
     ds = _deepspeed()
+    if dist.zero_stage == 3 and getattr(model, "length_groups", 1) > 1:
+        # ZeRO-3 gathers a block's parameters at every call: all ranks must call the blocks equally
+        # often, and the number of length groups depends on each rank's rows.
+        log.info("ZeRO-3: the transformer runs each batch at full width (model.length_groups = 1)")
+        model.length_groups = 1
     precision = resolve_precision(train, info.device)
     ds_config = build_ds_config(train, optim, dist, info.world_size, precision)
     tables = None
@@ -264,8 +260,6 @@ def build_engine(
             multi_pooling=embeddings.multi_pooling,
         )
         log.info("id tables (TorchRec, %s at lr %g): %s", embeddings.table_optimizer, embeddings.table_lr, tables.describe())
-    optimizer = torch.optim.AdamW(param_groups(model, optim), betas=(optim.beta1, optim.beta2), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, train.max_steps))
     ds_engine, _, _, _ = ds.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
@@ -282,4 +276,11 @@ def build_engine(
         ds_config["gradient_accumulation_steps"],
         train.global_batch_size,
     )
-    return Engine(ds_engine, info, precision, ds_config, tables)
+    table_lr = None
+    if tables is not None:
+        peak, shape = embeddings.table_lr, scheduler.lr_lambdas[0]
+
+        def table_lr(step: int) -> float:
+            return peak * shape(step)
+
+    return Engine(ds_engine, info, precision, ds_config, tables, table_lr)

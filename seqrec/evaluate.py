@@ -27,6 +27,7 @@ from seqrec.data.loader import Batch, ShardLoader
 from seqrec.data.schema import (
     COL_ITEM,
     COL_TARGET,
+    NUM_RESERVED_IDS,
     SCHEMA_VERSION,
     Manifest,
     SchemaError,
@@ -61,8 +62,13 @@ def protocol(manifest: Manifest, cfg: EvalConfig) -> str:
 
 
 def _padding_batch(like: Batch) -> Batch:
-    """One all-padding row shaped like `like` (scored and discarded on a rank that ran out)."""
-    return {k: torch.zeros_like(v[:1]) for k, v in like.items()}
+    """One row shaped like `like`, scored and discarded on a rank that ran out (its forward keeps the
+    ranks' collectives in step): no history, and the first real item as its target, so that it
+    passes the rankers' input checks."""
+    batch = {k: torch.zeros_like(v[:1]) for k, v in like.items()}
+    batch[COL_TARGET][:] = NUM_RESERVED_IDS
+    batch[COL_ITEM][:, -1] = NUM_RESERVED_IDS  # the shard contract: target == item[-1]
+    return batch
 
 
 @torch.no_grad()

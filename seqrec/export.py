@@ -72,6 +72,8 @@ def scoring_model(cfg: RunConfig, folder: Path, spec: DataSpec) -> tuple[SeqRecM
     from seqrec.engine import TABLES_DIR
 
     state = consolidated_state_dict(folder, cfg.dist.zero_stage)
+    if cfg.model.dropout is None:  # a config with the data-derived dropout unresolved: scoring never drops
+        cfg = replace(cfg, model=replace(cfg.model, dropout=0.0))
     if cfg.embeddings.backend == "torchrec":
         from seqrec.tables import consolidate
 

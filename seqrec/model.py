@@ -84,8 +84,10 @@ class Dropout(nn.Module):
     RNG state reproduce them. Other devices use `F.dropout`.
     """
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float | None) -> None:
         super().__init__()
+        if p is None:
+            raise ValueError("model.dropout is unset: seqrec.recipe.resolve derives it from the data, or set it")
         if not 0.0 <= p < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {p}")
         self.p = p
@@ -119,16 +121,19 @@ class Block(nn.Module):
         self.ffn_out = Linear(cfg.ffn_mult * d, d, std=residual_std)
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, x_BLD: Tensor, allowed_B1LL: Tensor) -> Tensor:
+    def forward(self, x_BLD: Tensor, allowed_B1LL: Tensor | None) -> Tensor:
+        """`allowed_B1LL` None: no padding, plain causal attention (flash kernels apply)."""
         x_BLD = x_BLD + self.dropout(self.attn_out(self._attention(self.attn_norm(x_BLD), allowed_B1LL)))
         return x_BLD + self.dropout(self.ffn_out(F.gelu(self.ffn_in(self.ffn_norm(x_BLD)))))
 
-    def _attention(self, x_BLD: Tensor, allowed_B1LL: Tensor) -> Tensor:
+    def _attention(self, x_BLD: Tensor, allowed_B1LL: Tensor | None) -> Tensor:
         B, L, D = x_BLD.shape
         q_BHLDh, k_BHLDh, v_BHLDh = (
             self.qkv(x_BLD).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         )
-        out_BHLDh = F.scaled_dot_product_attention(q_BHLDh, k_BHLDh, v_BHLDh, attn_mask=allowed_B1LL)
+        out_BHLDh = F.scaled_dot_product_attention(
+            q_BHLDh, k_BHLDh, v_BHLDh, attn_mask=allowed_B1LL, is_causal=allowed_B1LL is None
+        )
         return out_BHLDh.transpose(1, 2).reshape(B, L, D)
 
 
@@ -331,7 +336,8 @@ class SeqRecModel(nn.Module):
     def tower(self, emb_BLE: Tensor, valid_BL: Tensor) -> Tensor:
         """The transformer over summed embeddings: final-normed h_BLD."""
         x_BLD = self.dropout(self.in_proj(emb_BLE))
-        allowed_B1LL = attention_mask(valid_BL)
+        # Rows without padding (a length group of full histories) need no mask: plain causal attention.
+        allowed_B1LL = None if bool(valid_BL.all()) else attention_mask(valid_BL)  # host sync
         for block in self.blocks:
             x_BLD = block(x_BLD, allowed_B1LL)
         return self.final_norm(x_BLD)

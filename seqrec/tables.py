@@ -267,6 +267,13 @@ class ShardedTables:
         self.module.load_state_dict(state["tables"], strict=True)
         self.module.fused_optimizer.load_state_dict(state["optimizer"])
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the fused table updates from now on (the LR schedule, every step)."""
+        optimizer = self.module.fused_optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()  # the updates run inside backward; step() only hands the kernels the new rate
+
     def describe(self) -> str:
         return json.dumps(self.plan, sort_keys=True)
 
@@ -405,6 +412,58 @@ def sharded_target_ranks(
     ranks_G = torch.where(target_score_G.isnan(), num_candidates_G, count_G)
     start = row_offset(B, multi, q_GE.device)
     return ranks_G[start : start + B].cpu()
+
+
+@torch.no_grad()
+def sharded_top_k(query_BE: Tensor, history_BL: Tensor | None, shards: Sequence[Shard], k: int) -> tuple[Tensor, Tensor]:
+    """The k best items [B, k] (scores, ids) over the whole sharded item table for this rank's queries,
+    pad, unknown and (with a history) the history's items excluded; best first.
+
+    Collective, like `sharded_target_ranks`: the queries and histories of all ranks are all-gathered,
+    every rank keeps a running top-k of its own item rows block by block (memory: its shard, the
+    queries and one SCORE_BLOCK), then the ranks' top-k lists are all-gathered and merged. Entries
+    past the number of candidates have score -inf and id -1. Equal to `torch.topk` over the scores
+    against the whole table (up to the order of exactly tied scores).
+    """
+    import torch.distributed as dist
+
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    B = query_BE.shape[0]
+    q_GE = gather_rows(query_BE.float(), multi)
+    h_GL = gather_rows(history_BL.long().to(q_GE.device), multi) if history_BL is not None else None
+    G, device = q_GE.shape[0], q_GE.device
+    best_s = torch.full((G, k), -float("inf"), device=device)
+    best_i = torch.full((G, k), -1, dtype=torch.long, device=device)
+    rows_b, cols_b = SCORE_BLOCK
+    for g0 in range(0, G, rows_b):
+        q_bE = q_GE[g0 : g0 + rows_b]
+        b = q_bE.shape[0]
+        for shard in shards:
+            for lo in range(0, shard.rows.shape[0], cols_b):
+                block = shard.rows[lo : lo + cols_b]
+                first, width = shard.start + lo, block.shape[0]
+                s_bC = q_bE @ block.float().T
+                if first < NUM_RESERVED_IDS:
+                    s_bC[:, : NUM_RESERVED_IDS - first] = -float("inf")
+                if h_GL is not None:
+                    rel_bL = h_GL[g0 : g0 + b] - first
+                    r, c = torch.nonzero((rel_bL >= 0) & (rel_bL < width), as_tuple=True)
+                    s_bC[r, rel_bL[r, c]] = -float("inf")
+                ids_bC = torch.arange(first, first + width, device=device).expand(b, width)
+                cand_s = torch.cat([best_s[g0 : g0 + b], s_bC], dim=1)
+                cand_i = torch.cat([best_i[g0 : g0 + b], ids_bC], dim=1)
+                top = cand_s.topk(k, dim=1)
+                best_s[g0 : g0 + b], best_i[g0 : g0 + b] = top.values, cand_i.gather(1, top.indices)
+    if multi:
+        world = dist.get_world_size()
+        all_s, all_i = [torch.empty_like(best_s) for _ in range(world)], [torch.empty_like(best_i) for _ in range(world)]
+        dist.all_gather(all_s, best_s)
+        dist.all_gather(all_i, best_i)
+        top = torch.cat(all_s, dim=1).topk(k, dim=1)
+        best_s, best_i = top.values, torch.cat(all_i, dim=1).gather(1, top.indices)
+    best_i = torch.where(torch.isinf(best_s), -1, best_i)
+    start = row_offset(B, multi, device)
+    return best_s[start : start + B].cpu(), best_i[start : start + B].cpu()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from seqrec import checkpoint as ckpt
-from seqrec import faults
+from seqrec import faults, recipe
 from seqrec.config import RunConfig, TrainConfig, save_json, to_dict
 from seqrec.data.loader import Batch, ShardLoader
 from seqrec.data.schema import SCHEMA_VERSION, SPLITS, Manifest, SchemaError, read_manifest, verify_split
@@ -31,6 +31,7 @@ from seqrec.distributed import all_reduce_, barrier
 from seqrec.engine import Engine, build_engine, init_distributed
 from seqrec.evaluate import by_scores, evaluate, named, popularity_scorer, protocol
 from seqrec.model import SeqRecModel
+from seqrec.optim import build_optimizer
 from seqrec.tracking import build_tracker
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = ckpt.checkpoint_root(self.run_dir)
         self.manifest = read_manifest(cfg.data.path)
+        self.derived = recipe.resolve(cfg, self.manifest, self.info.world_size)  # unset fields, from the data
         for split in SPLITS:
             verify_split(self.manifest, split)
         self.spec = DataSpec.from_manifest(self.manifest)
@@ -87,8 +89,10 @@ class Trainer:
         model = SeqRecModel(self.spec, cfg.model, cfg.embeddings, cfg.loss)
         model.init_weights()
         self.num_params = model.num_params()
+        optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
         self.engine: Engine = build_engine(
-            model, self.info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, embeddings=cfg.embeddings
+            model, self.info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, embeddings=cfg.embeddings,
+            optimizer=optimizer, scheduler=scheduler,
         )
         torch.manual_seed(cfg.train.seed + 1 + self.info.rank)  # per-rank dropout and negative sampling
         self.loader = ShardLoader(

@@ -210,9 +210,10 @@ def _check_sizes(spec: ClusterSpec) -> None:
 
 
 def check_fits(train: TrainConfig, shards: ShardConfig, world: int, layout: str) -> None:
-    """The global batch must split evenly over `world` ranks; the shards must feed every rank."""
+    """The global batch must split evenly over `world` ranks; the shards must feed every rank.
+    Batch sizes left at 0 are derived at start-up for the actual world size (seqrec/recipe.py)."""
     per_step = train.micro_batch_size * world
-    if train.global_batch_size % per_step:
+    if per_step and train.global_batch_size and train.global_batch_size % per_step:
         fixed = -(-train.global_batch_size // per_step) * per_step
         raise LaunchError(
             f"train.global_batch_size ({train.global_batch_size}) is not a multiple of train.micro_batch_size "

@@ -73,7 +73,7 @@ def test_two_sharded_ranks_match_one_rank(equivalence, optimizer):
 
 
 # ------------------------------------------------------------------------------ fused update == reference
-def reference_updates(optimizer: str, lr: float, steps: int, world: int) -> dict[str, torch.Tensor]:
+def reference_updates(optimizer: str, lrs: list[float], world: int) -> dict[str, torch.Tensor]:
     """Plain-tensor replay: per step, the gradient of every row summed over all its occurrences on all
     ranks and averaged over ranks (each rank's loss is its own); then SGD or row-wise Adagrad (one
     accumulator per row: the mean of g^2 over the row)."""
@@ -81,7 +81,7 @@ def reference_updates(optimizer: str, lr: float, steps: int, world: int) -> dict
     weights = {t.name: initial_table(11, i, t.num_embeddings, 4).double() for i, t in enumerate(specs)}
     table_of = {f: t for t in specs for f in t.features}
     state = {t.name: torch.zeros(t.num_embeddings, dtype=torch.float64) for t in specs}
-    for step in range(steps):
+    for step, lr in enumerate(lrs):
         ids, w = workers.update_inputs(step, world)
         grads = {t.name: torch.zeros(t.num_embeddings, 4, dtype=torch.float64) for t in specs}
         for feature, x in ids.items():
@@ -106,10 +106,11 @@ def reference_updates(optimizer: str, lr: float, steps: int, world: int) -> dict
     return {k: v.float() for k, v in weights.items()}
 
 
+@pytest.mark.parametrize("lrs", [[0.1, 0.1, 0.1], [0.02, 0.1, 0.03]], ids=["constant", "scheduled"])
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "sgd"])
-def test_fused_table_updates_equal_the_reference(optimizer):
-    got = launch(workers.table_update_worker, 2, optimizer, 0.1, 3)
-    want = reference_updates(optimizer, 0.1, 3, world=2)
+def test_fused_table_updates_equal_the_reference(optimizer, lrs):
+    got = launch(workers.table_update_worker, 2, optimizer, lrs)
+    want = reference_updates(optimizer, lrs, world=2)
     for spec in workers.update_specs():
         torch.testing.assert_close(assemble({r: got[r]["tables"] for r in got}, spec.name, spec.num_embeddings),
                                    want[spec.name], rtol=1e-5, atol=1e-6, msg=spec.name)
@@ -120,7 +121,7 @@ def test_fused_table_updates_equal_the_reference(optimizer):
     "exclude_seen,num_items,per_rank",
     [(True, 37, [5, 3]), (False, 37, [5, 3]), (True, 1301, [600, 301])],  # last: several score blocks
 )
-def test_sharded_ranks_equal_ranks_over_the_whole_table(exclude_seen, num_items, per_rank):
+def test_sharded_ranks_and_top_k_equal_those_over_the_whole_table(exclude_seen, num_items, per_rank):
     dim = 8  # uneven per_rank: the short rank's rows pad the gather
     got = launch(workers.sharded_ranks_worker, 2, num_items, dim, per_rank, exclude_seen)
     half = -(-num_items // 2)
@@ -130,6 +131,15 @@ def test_sharded_ranks_equal_ranks_over_the_whole_table(exclude_seen, num_items,
         query, targets, history = workers.ranking_inputs(rank, per_rank[rank], num_items, dim)
         want = target_ranks(query @ table.T, targets, history if exclude_seen else None)
         assert torch.equal(got[rank]["ranks"], want), (rank, got[rank]["ranks"], want)
+        # top-10 merged over the ranks' shards == topk over the whole table, seen and reserved ids excluded
+        scores = query @ table.T
+        scores[:, :2] = -float("inf")
+        if exclude_seen:
+            scores.scatter_(1, history, -float("inf"))
+        want_top = scores.topk(10, dim=1)
+        got_scores, got_ids = got[rank]["top"]
+        torch.testing.assert_close(got_scores, want_top.values)
+        assert torch.equal(got_ids, want_top.indices)
 
 
 # ------------------------------------------------------------------------------ the trainer

@@ -25,6 +25,7 @@ def tiny_config(data: str, run_dir: str, **overrides: Any):
         "optim.lr": 0.01,
         "optim.embedding_lr": 0.01,
         "train.log_every": 2,
+        "dist.timeout_s": 300,  # a collective out of step fails the test in minutes, not half an hour
         **overrides,
     }
     return load_config(None, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={_toml(v)}" for k, v in sets.items()])
@@ -75,6 +76,7 @@ def equivalence_worker(data: str, run_dir: str, zero_stage: int, micro: int, ste
     """
     from seqrec.data.schema import read_manifest
     from seqrec.engine import build_engine, init_distributed
+    from seqrec.optim import build_optimizer
     from seqrec.data.spec import DataSpec
     from seqrec.model import SeqRecModel
 
@@ -85,7 +87,8 @@ def equivalence_worker(data: str, run_dir: str, zero_stage: int, micro: int, ste
     torch.manual_seed(0)
     model = SeqRecModel(DataSpec.from_manifest(read_manifest(data)), cfg.model, cfg.embeddings, cfg.loss)
     model.init_weights()
-    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, optimizer=optimizer, scheduler=scheduler)
     initial = full_params(engine.module, zero_stage)
     rows = _train_rows(data, 2 * micro * steps)
     losses = []
@@ -120,6 +123,7 @@ def zero3_partition_worker(data: str, run_dir: str) -> dict[str, int]:
     """Build the engine under ZeRO-3 and report how much of the fused table this rank holds."""
     from seqrec.data.schema import read_manifest
     from seqrec.engine import build_engine, init_distributed
+    from seqrec.optim import build_optimizer
     from seqrec.data.spec import DataSpec
     from seqrec.model import SeqRecModel
 
@@ -128,7 +132,8 @@ def zero3_partition_worker(data: str, run_dir: str) -> dict[str, int]:
     model = SeqRecModel(DataSpec.from_manifest(read_manifest(data)), cfg.model, cfg.embeddings, cfg.loss)
     model.init_weights()
     full = model.embeddings.weight.numel()
-    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, optimizer=optimizer, scheduler=scheduler)
     weight = engine.module.embeddings.weight
     out = engine.forward(_train_rows(data, 4))  # a forward still works on the partitioned table
     return {"full": full, "ds_numel": int(weight.ds_numel), "local": int(weight.ds_tensor.numel()),
@@ -186,6 +191,7 @@ def tables_equivalence_worker(data: str, run_dir: str, micro: int, steps: int, o
     """
     from seqrec.data.schema import read_manifest
     from seqrec.engine import build_engine, init_distributed
+    from seqrec.optim import build_optimizer
     from seqrec.data.spec import DataSpec
     from seqrec.model import SeqRecModel
 
@@ -198,7 +204,8 @@ def tables_equivalence_worker(data: str, run_dir: str, micro: int, steps: int, o
     torch.manual_seed(0)
     model = SeqRecModel(DataSpec.from_manifest(read_manifest(data)), cfg.model, cfg.embeddings, cfg.loss)
     model.init_weights()
-    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, embeddings=cfg.embeddings)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+    engine = build_engine(model, info, train=cfg.train, optim=cfg.optim, dist=cfg.dist, embeddings=cfg.embeddings, optimizer=optimizer, scheduler=scheduler)
     initial = local_table_shards(engine.tables)
     rows = _train_rows(data, 2 * micro * steps)
     losses = []
@@ -217,8 +224,9 @@ def tables_equivalence_worker(data: str, run_dir: str, micro: int, steps: int, o
             "initial": initial, "plan": engine.tables.plan}
 
 
-def table_update_worker(optimizer: str, lr: float, steps: int) -> dict[str, Any]:
-    """Look ids up in sharded tables, backward sum(rows * R), `steps` times; return the shards.
+def table_update_worker(optimizer: str, lrs: list[float]) -> dict[str, Any]:
+    """Look ids up in sharded tables, backward sum(rows * R), once per learning rate in `lrs` (set
+    with `set_lr` before the step, as the engine's schedule does); return the shards.
 
     Every rank draws all ranks' ids and R from one seeded generator and uses its own slice, so the
     test can replay the whole computation."""
@@ -232,10 +240,11 @@ def table_update_worker(optimizer: str, lr: float, steps: int) -> dict[str, Any]
     info = init_distributed(cfg.dist)
     world = info.world_size
     specs = update_specs()
-    emb = EmbeddingsConfig(backend="torchrec", dim=4, table_optimizer=optimizer, table_lr=lr, table_eps=1e-8)
+    emb = EmbeddingsConfig(backend="torchrec", dim=4, table_optimizer=optimizer, table_lr=lrs[0], table_eps=1e-8)
     tables = ShardedTables(specs, emb, device=info.device, world_size=world, seed=11, grad_scale=1.0,
                            multi_pooling="sum")
-    for step in range(steps):
+    for step, lr in enumerate(lrs):
+        tables.set_lr(lr)
         ids, weights = update_inputs(step, world)
         mine = {k: v[info.rank] for k, v in ids.items()}
         rows = tables(mine)
@@ -270,7 +279,7 @@ def sharded_ranks_worker(num_items: int, dim: int, per_rank: list[int], exclude_
     from seqrec.config import EmbeddingsConfig
     from seqrec.embeddings import TableSpec
     from seqrec.engine import init_distributed
-    from seqrec.tables import ShardedTables, sharded_target_ranks
+    from seqrec.tables import ShardedTables, sharded_target_ranks, sharded_top_k
 
     info = init_distributed(tiny_config("unused", "unused").dist)
     emb = EmbeddingsConfig(backend="torchrec", dim=dim, sharding=["item=row_wise"])
@@ -278,7 +287,8 @@ def sharded_ranks_worker(num_items: int, dim: int, per_rank: list[int], exclude_
                            seed=5, grad_scale=1.0, multi_pooling="sum")
     query, targets, history = ranking_inputs(info.rank, per_rank[info.rank], num_items, dim)
     ranks = sharded_target_ranks(query, targets, history if exclude_seen else None, tables.local_shards("item"), num_items)
-    return {"ranks": ranks, "shards": [(s.start, s.rows.shape[0]) for s in tables.local_shards("item")]}
+    top = sharded_top_k(query, history if exclude_seen else None, tables.local_shards("item"), k=10)
+    return {"ranks": ranks, "top": top, "shards": [(s.start, s.rows.shape[0]) for s in tables.local_shards("item")]}
 
 
 def ranking_inputs(rank: int, n: int, num_items: int, dim: int):

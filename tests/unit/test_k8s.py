@@ -361,12 +361,13 @@ def test_secrets_never_appear_in_rendered_output(tmp_path: Path) -> None:
         (["--data", "Bad Claim"], "--data 'Bad Claim' is not a valid PersistentVolumeClaim name"),
         (["--memory", "lots"], "--memory 'lots' is not a Kubernetes quantity"),
         (["--cpus-per-node", "4", "--gpus-per-node", "8"], "--cpus-per-node 4 is fewer than the 8 processes"),
-        (["--nodes", "2", "--gpus-per-node", "8"], "--set train.global_batch_size=1024"),
+        (["--nodes", "2", "--gpus-per-node", "8", "--set", "train.micro_batch_size=64", "--set", "train.global_batch_size=128"],
+         "--set train.global_batch_size=1024"),
         (["--nodes", "2", "--gpus-per-node", "8", "--set", "train.global_batch_size=1024"],
          "--set prepare.shards.max_world_size=16"),
         (["--data", "s3a://bucket/x"], "--checkpoints CLAIM is required"),
         (["--spark-image", ""], "--spark-image is required"),
-        (["--set", "train.max_steps=0"], "train.max_steps must be > 0"),
+        (["--set", "train.max_steps=-1"], "train.max_steps must be >= 0"),
     ],
 )
 def test_impossible_settings_exit_2_with_one_line(

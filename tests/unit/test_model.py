@@ -140,7 +140,7 @@ def test_more_left_padding_and_other_rows_do_not_change_scores() -> None:
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.lists(st.integers(1, MAX_LEN), min_size=1, max_size=9), st.integers(1, 5), st.sampled_from(["full", "sampled"]))
+@given(st.lists(st.integers(1, MAX_LEN + 1), min_size=1, max_size=9), st.integers(1, 5), st.sampled_from(["full", "sampled"]))
 def test_length_groups_equal_one_full_width_pass(lengths: list[int], groups: int, loss: str) -> None:
     batch = make_batch(lengths, seed=len(lengths))
     outs = []
@@ -261,7 +261,7 @@ def test_blocks_are_a_module_list_without_transformer_encoder() -> None:
 def test_meta_build_then_init_weights_matches_a_normal_build() -> None:
     spec = tiny_spec()
     cfgs = (
-        ModelConfig(d_model=16, num_heads=2),
+        ModelConfig(d_model=16, num_heads=2, dropout=0.1),
         EmbeddingsConfig(dim=8),
         LossConfig(kind="sampled", sampler="popularity"),
     )
@@ -289,7 +289,9 @@ def test_bad_inputs_are_refused_with_names() -> None:
     with pytest.raises(ValueError, match="task"):
         model(make_batch([3]), task="predict")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="model.d_model"):
-        SeqRecModel(tiny_spec(), ModelConfig(d_model=15, num_heads=2), EmbeddingsConfig(), LossConfig())
+        SeqRecModel(tiny_spec(), ModelConfig(d_model=15, num_heads=2, dropout=0.1), EmbeddingsConfig(), LossConfig())
+    with pytest.raises(ValueError, match="model.dropout is unset"):
+        SeqRecModel(tiny_spec(), ModelConfig(d_model=16, num_heads=2), EmbeddingsConfig(), LossConfig())
     with pytest.raises(ValueError, match="item_counts"):
         replace(tiny_spec(), item_counts=torch.ones(3))
 
@@ -346,3 +348,15 @@ def test_data_spec_from_manifest(tmp_path) -> None:
     pq.write_table(pa.table(table), tmp_path / "item_features.parquet")
     with pytest.raises(SchemaError, match="every id 0..4 exactly once"):
         DataSpec.from_manifest(read_manifest(tmp_path))
+
+
+def test_the_padding_batch_of_a_rank_that_ran_out_passes_the_rankers() -> None:
+    """A rank with fewer evaluation batches scores a padding row to keep collectives in step; its
+    target must pass target_ranks' input check (it once failed: target 0)."""
+    from seqrec.evaluate import _padding_batch, by_scores
+
+    model = tiny_model()
+    pad = _padding_batch(make_batch([9, 3]))
+    assert pad["target"].tolist() == [2] and int(pad["item"][0, -1]) == 2 and int((pad["item"][0, :-1] != 0).sum()) == 0
+    ranker = by_scores(lambda batch: model(batch, task="score")["scores"], exclude_seen=True)
+    assert ranker(pad).shape == (1,)
