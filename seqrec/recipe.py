@@ -95,8 +95,10 @@ def resolve(cfg: RunConfig, manifest: Manifest, world_size: int) -> list[str]:
     if not train.max_steps:
         steps_per_epoch = max(1, manifest.rows("train") // train.global_batch_size)
         if not train.epochs:
-            train.epochs = float(min(MAX_EPOCHS, max(1, round(TARGET_STEPS / steps_per_epoch))))
-            notes.append(f"train.epochs = {train.epochs:g} (about {TARGET_STEPS:,} steps of {steps_per_epoch} per epoch)")
+            wanted = max(1, round(TARGET_STEPS / steps_per_epoch))
+            train.epochs = float(min(MAX_EPOCHS, wanted))
+            why = f"about {TARGET_STEPS:,} steps at {steps_per_epoch} per epoch"
+            notes.append(f"train.epochs = {train.epochs:g} ({why}" + (f", capped at {MAX_EPOCHS})" if wanted > MAX_EPOCHS else ")"))
         train.max_steps = max(1, round(train.epochs * steps_per_epoch))
         notes.append(f"train.max_steps = {train.max_steps} ({train.epochs:g} epochs x {steps_per_epoch} steps)")
     if cfg.model.dropout is None:
