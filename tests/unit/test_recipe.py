@@ -93,10 +93,11 @@ def test_unusable_statistics_name_the_manifest_field(rows: int, tokens: int, ite
     ],
     ids=["empty-train-split", "one-item"],
 )
-def test_seqrec_train_names_the_manifest_field_exit_2_nothing_written(tmp_path, capsys, edit, message) -> None:
+def test_seqrec_train_names_the_manifest_field_exit_2_nothing_written(tmp_path, edit, message) -> None:
     import json
+    import subprocess
+    import sys
 
-    from seqrec.cli import main as cli_main
     from tests.fixtures import write_tiny_dataset
 
     data = tmp_path / "data"
@@ -105,8 +106,12 @@ def test_seqrec_train_names_the_manifest_field_exit_2_nothing_written(tmp_path, 
     edit(raw)
     (data / "manifest.json").write_text(json.dumps(raw))
     run = tmp_path / "run"
-    code = cli_main(["train", "--set", f"data.path='{data}'", "--set", f"run_dir='{run}'", "--set", "tracking.wandb='disabled'"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
+    proc = subprocess.run(  # a process of its own: the real command line, logging and exit code
+        [sys.executable, "-m", "seqrec", "--log-level", "warning", "train", "--set", f"data.path='{data}'",
+         "--set", f"run_dir='{run}'", "--set", "tracking.wandb='disabled'"],
+        capture_output=True, text=True, timeout=300,
+    )
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2
     assert len(err) == 1 and err[0].startswith("seqrec train: error: ") and message in err[0], err
     assert not run.exists() or not any(run.iterdir())  # at most the empty folder of the writability check
