@@ -300,7 +300,7 @@ class ModelConfig:
     """Feed-forward width as a multiple of d_model."""
     dropout: float | None = None
     """Dropout on the summed embeddings and on the attention and feed-forward outputs. Unset: derived
-    from the mean training history length (seqrec/recipe.py: 0.5 for sparse logs, 0.2 for dense)."""
+    from the mean training history length (seqrec/recipe.py: 0.5 for sparse logs, 0.1 for dense)."""
     length_groups: int = 4
     """Run each batch's rows through the transformer in up to this many groups of similar history
     length, each trimmed to its longest history (left padding is not computed); 1 = the whole batch
@@ -365,7 +365,7 @@ class TrainConfig:
     max_steps: int = 0
     """Optimizer steps, the run's length (0: train.epochs x steps per epoch)."""
     epochs: float = 0.0
-    """Passes over the training rows when max_steps is 0 (0: derived, about 4,000 steps within 1 to
+    """Passes over the training rows when max_steps is 0 (0: derived, about 3,000 steps within 1 to
     200 epochs; validation-based early stopping may end the run sooner)."""
     precision: Literal["fp32", "bf16", "auto"] = "auto"
     """bf16 where the hardware has it (auto: bf16 on CUDA with bf16 support, else fp32)."""
